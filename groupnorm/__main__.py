@@ -1,0 +1,5 @@
+import sys
+
+from groupnorm.cli import main
+
+sys.exit(main())

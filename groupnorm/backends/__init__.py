@@ -1,0 +1,144 @@
+"""The one dispatch point: backend name -> implementation.
+
+A backend is an object with
+
+    name: str
+    available() -> str | None
+        None when usable here, else the reason it is not (e.g. "numba is not installed").
+    supports(x: Tensor, activation: str) -> bool
+        whether it runs this input (device, dtype); the caller falls back otherwise.
+    forward(x, weight, bias, num_groups, eps, activation) -> (y, stats)
+    backward(dy, x, weight, bias, stats, num_groups, activation, output_mask) -> (dx, dweight, dbias)
+
+The contract every backend keeps (the op in ``functional`` guarantees the inputs):
+
+* ``x`` has shape (N, C, *spatial), N * C > 0, and is either contiguous ("NC*") or
+  channels-last dense, i.e. ``x.movedim(1, -1).is_contiguous()`` ("N*C"); both layouts are
+  read in place. ``dy`` has the same shape and the same layout as ``x``.
+* ``weight``/``bias`` are None or contiguous (C,) tensors on x's device, of x's dtype or,
+  for float16/bfloat16 ``x``, float32 (mixed precision).
+* ``activation`` is one of "none", "relu", "silu", "gelu" (exact, erf-based GELU);
+  the op computes ``act(gn(x) * weight + bias)``.
+* ``y`` and ``dx`` have x's dtype and x's layout (``torch.empty_like(x)`` keeps it).
+  ``dweight``/``dbias`` have the parameter's dtype; an entry whose ``output_mask`` flag
+  (dx, dweight, dbias) is False, or whose parameter is None, may be returned as None.
+* ``stats`` is an (N, G, 3) tensor in the statistics dtype (float64 for float64 input,
+  float32 otherwise) holding, per (sample, group), ``mean_hi, mean_lo, rstd``: the mean is
+  the unevaluated sum ``mean_hi + mean_lo`` so that ``(x - mean_hi) - mean_lo`` stays exact
+  when the mean is large against the spread; ``rstd = 1 / sqrt(var + eps)`` with the biased
+  variance. ``backward`` recomputes ``xhat`` (and the pre-activation) from x and stats.
+* Results are deterministic: no float atomics, reductions in a fixed order.
+
+Selection: an explicit ``backend=`` argument, else the innermost ``use_backend(...)``
+context, else the ``GROUPNORM_BACKEND`` environment variable, else "auto", which picks the
+fastest available backend that supports the input's device and dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+
+ACTIVATIONS = ("none", "relu", "silu", "gelu")
+ENV_VAR = "GROUPNORM_BACKEND"
+
+# name -> module that defines BACKEND; imported lazily so that a missing numba or
+# triton only matters when that backend is asked for.
+_MODULES = {
+    "reference": "groupnorm.backends.reference",
+    "composite": "groupnorm.backends.composite",
+    "numba": "groupnorm.backends.cpu",
+    "triton": "groupnorm.backends.gpu",
+}
+# "auto" tries these in order for each device type.
+_AUTO_ORDER = {
+    "cpu": ("numba", "composite"),
+    "cuda": ("triton", "composite"),
+}
+_loaded: dict = {}
+_forced: list[str] = []  # stack of use_backend() names
+_last = threading.local()
+
+
+def names() -> tuple[str, ...]:
+    """Every backend name that can be requested (plus "auto")."""
+    return tuple(_MODULES)
+
+
+def get(name: str):
+    """The backend object called ``name``; a clear error if unknown or unusable here."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown groupnorm backend {name!r}; choose one of auto, {', '.join(_MODULES)}")
+    if name not in _loaded:
+        try:
+            module = importlib.import_module(_MODULES[name])
+            _loaded[name] = module.BACKEND
+        except ImportError as exc:  # optional dependency missing
+            _loaded[name] = _Unavailable(name, f"{type(exc).__name__}: {exc}")
+    return _loaded[name]
+
+
+def available() -> dict[str, str | None]:
+    """name -> None if usable here, else the reason it is not."""
+    return {name: get(name).available() for name in _MODULES}
+
+
+def requested() -> str:
+    """The name forced by the innermost use_backend() context, or "" if none."""
+    return _forced[-1] if _forced else ""
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force a backend inside a ``with`` block: ``with groupnorm.use_backend("composite"): ...``."""
+    if name != "auto":
+        get(name)  # fail early on a typo
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def select(x, activation: str, name: str = ""):
+    """Resolve ``name`` ("" or "auto" for automatic; the env var fills in "") to a backend for x."""
+    if not name:
+        name = os.environ.get(ENV_VAR, "").strip() or "auto"
+    if name != "auto":
+        backend = get(name)
+        reason = backend.available()
+        if reason is not None:
+            raise RuntimeError(f"groupnorm backend {name!r} was requested but is unavailable here: {reason}")
+        if not backend.supports(x, activation):
+            raise RuntimeError(
+                f"groupnorm backend {name!r} does not support {x.dtype} input on {x.device.type}; "
+                f"use backend='auto' or one of: {', '.join(n for n in _MODULES if get(n).available() is None and get(n).supports(x, activation))}"
+            )
+        return backend
+    for candidate in _AUTO_ORDER.get(x.device.type, ()) + ("composite",):
+        backend = get(candidate)
+        if backend.available() is None and backend.supports(x, activation):
+            return backend
+    raise RuntimeError(f"no groupnorm backend supports {x.dtype} input on {x.device}")  # pragma: no cover
+
+
+def record(name: str) -> None:
+    _last.name = name
+
+
+def last_backend() -> str | None:
+    """Name of the backend that ran the most recent group_norm call in this thread (forward or backward)."""
+    return getattr(_last, "name", None)
+
+
+class _Unavailable:
+    def __init__(self, name: str, reason: str):
+        self.name, self.reason = name, reason
+
+    def available(self):
+        return self.reason
+
+    def supports(self, x, activation):
+        return False

@@ -1,0 +1,50 @@
+"""`groupnorm` command line: `groupnorm study ...` and `groupnorm bench ...`.
+
+Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
+``main(args) -> int``; this file only wires them up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "study": ("groupnorm.study.cli", "reproduce the paper's batch-size experiment (BN vs GN vs LN/IN/GN+WS)"),
+    "bench": ("groupnorm.bench", "time the GroupNorm kernels against torch.nn.GroupNorm and the memory floor"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="groupnorm",
+        description="Group Normalization toolkit (Wu & He, ECCV 2018).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `groupnorm COMMAND --help` for the options of one command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=(module.__doc__ or help_text).strip(),
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(args._module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
