@@ -1,0 +1,227 @@
+"""group_norm(): input checks, backend dispatch, and the registered torch.library op.
+
+The op is two custom ops, ``groupnorm::forward`` and ``groupnorm::backward``, each with a
+fake (meta) kernel, joined by ``torch.library.register_autograd``: torch.compile sees
+opaque nodes with known output shapes, and autograd works in eager and compiled code.
+The backend is resolved when the op runs (see ``groupnorm.backends``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from groupnorm import backends
+from groupnorm.backends.composite import stats_dtype
+from groupnorm.groups import divisors
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- layout helpers
+def _match_layout(t: Tensor, x: Tensor) -> Tensor:
+    """t with x's layout (contiguous or channels-last dense); copies only when they differ."""
+    if x.is_contiguous():
+        return t.contiguous()
+    if t.movedim(1, -1).is_contiguous():
+        return t
+    return t.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+def _dense_input(x: Tensor) -> Tensor:
+    """x itself when contiguous or channels-last dense; any other striding is made contiguous."""
+    if x.is_contiguous() or x.movedim(1, -1).is_contiguous():
+        return x
+    return x.contiguous()
+
+
+def _same_strides_as_empty_like(y: Tensor, x: Tensor) -> Tensor:
+    """Backends may return views; the op promises exactly empty_like(x)'s strides."""
+    if y.stride() == x.stride() or y.numel() == 0:
+        return y
+    out = torch.empty_like(x)
+    out.copy_(y)
+    return out
+
+
+# ----------------------------------------------------------------------------- the custom ops
+@torch.library.custom_op("groupnorm::forward", mutates_args=())
+def _forward_op(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    num_groups: int,
+    eps: float,
+    activation: str,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    N = x.shape[0]
+    if x.numel() == 0:
+        stats = torch.zeros(N, num_groups, 3, dtype=stats_dtype(x.dtype), device=x.device)
+        return torch.empty_like(x), stats
+    impl = backends.select(x, activation, backend)
+    y, stats = impl.forward(_dense_input(x), weight, bias, num_groups, eps, activation)
+    backends.record(impl.name)
+    return _same_strides_as_empty_like(y, x), stats
+
+
+@_forward_op.register_fake
+def _forward_fake(x, weight, bias, num_groups, eps, activation, backend):
+    stats = x.new_empty((x.shape[0], num_groups, 3), dtype=stats_dtype(x.dtype))
+    return torch.empty_like(x), stats
+
+
+@torch.library.custom_op("groupnorm::backward", mutates_args=())
+def _backward_op(
+    dy: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    stats: Tensor,
+    num_groups: int,
+    activation: str,
+    backend: str,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    need_dx, need_dw, need_db = output_mask
+    need_dw = need_dw and weight is not None
+    need_db = need_db and bias is not None
+    dx = dw = db = None
+    if x.numel() > 0:
+        xd = _dense_input(x)
+        impl = backends.select(xd, activation, backend)
+        dx, dw, db = impl.backward(
+            _match_layout(dy, xd), xd, weight, bias, stats, num_groups, activation, [need_dx, need_dw, need_db]
+        )
+        backends.record(impl.name)
+    if need_dx:
+        dx = torch.empty_like(x) if dx is None else _same_strides_as_empty_like(dx, x)
+    else:
+        dx = x.new_empty(0)
+    if need_dw:
+        dw = torch.zeros_like(weight) if dw is None else dw
+    else:
+        dw = x.new_empty(0)
+    if need_db:
+        db = torch.zeros_like(bias) if db is None else db
+    else:
+        db = x.new_empty(0)
+    return dx, dw, db
+
+
+@_backward_op.register_fake
+def _backward_fake(dy, x, weight, bias, stats, num_groups, activation, backend, output_mask):
+    need_dx, need_dw, need_db = output_mask
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    dw = torch.empty_like(weight) if (need_dw and weight is not None) else x.new_empty(0)
+    db = torch.empty_like(bias) if (need_db and bias is not None) else x.new_empty(0)
+    return dx, dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, num_groups, eps, activation, backend = inputs
+    _, stats = output
+    ctx.save_for_backward(x, weight, bias, stats)
+    ctx.num_groups, ctx.activation, ctx.backend = num_groups, activation, backend
+
+
+def _backward(ctx, dy, dstats):
+    x, weight, bias, stats = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:3])
+    dx, dw, db = _backward_op(dy, x, weight, bias, stats, ctx.num_groups, ctx.activation, ctx.backend, mask)
+    return (
+        dx if mask[0] else None,
+        dw if mask[1] and weight is not None else None,
+        db if mask[2] and bias is not None else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("groupnorm::forward", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- the public function
+def _check_param(name: str, p, x: Tensor) -> None:
+    if p is None:
+        return
+    if not isinstance(p, Tensor):
+        raise TypeError(f"{name} must be a Tensor or None, got {type(p).__name__}")
+    C = x.shape[1]
+    if p.shape != (C,):
+        raise ValueError(
+            f"{name} must have shape ({C},) for an input with {C} channels, got {tuple(p.shape)}"
+        )
+    if p.device != x.device:
+        raise ValueError(f"{name} is on {p.device} but the input is on {x.device}; move both to one device")
+    if p.dtype != x.dtype and not (x.dtype in HALF_DTYPES and p.dtype == torch.float32):
+        raise TypeError(
+            f"{name} has dtype {p.dtype} but the input is {x.dtype}; use the same dtype "
+            "(float32 parameters are also accepted with float16/bfloat16 input)"
+        )
+
+
+def check_inputs(input, num_groups, weight, bias, eps, activation) -> str:
+    """Validate the arguments of group_norm; return the canonical activation name."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"group_norm expects a Tensor input, got {type(input).__name__}")
+    if input.dim() < 2:
+        raise ValueError(
+            f"group_norm expects an input of shape (N, C, *) with at least 2 dimensions, got shape {tuple(input.shape)}; "
+            "add a batch dimension with input.unsqueeze(0)"
+        )
+    if input.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"group_norm supports float16, bfloat16, float32 and float64 input, got {input.dtype}; "
+            "convert it first, e.g. input.float()"
+        )
+    C = input.shape[1]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__} {num_groups!r}")
+    if num_groups <= 0 or num_groups > C:
+        raise ValueError(f"num_groups must be in [1, C={C}], got {num_groups}; group counts that divide {C}: {divisors(C)}")
+    if C % num_groups:
+        raise ValueError(
+            f"the input's {C} channels are not divisible by num_groups={num_groups}; "
+            f"group counts that work: {divisors(C)} (groupnorm.GroupNorm's policy='divisor' or 'gcd' picks one for you)"
+        )
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}; the usual value is 1e-5")
+    _check_param("weight", weight, input)
+    _check_param("bias", bias, input)
+    act = "none" if activation is None else activation
+    if act not in backends.ACTIVATIONS:
+        raise ValueError(f"activation must be None or one of 'relu', 'silu', 'gelu', got {activation!r}")
+    return act
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    *,
+    activation: Optional[str] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Group Normalization of ``input`` (N, C, *), then ``activation`` if given.
+
+    Same semantics as ``torch.nn.functional.group_norm``; ``activation`` in
+    {None, "relu", "silu", "gelu"} is fused: the result is ``act(group_norm(x))``.
+    The output keeps the input's dtype and memory format (contiguous or channels-last).
+    ``backend`` forces an implementation ("numba", "triton", "composite", "reference");
+    by default the ``use_backend`` context, then ``$GROUPNORM_BACKEND``, then "auto".
+    """
+    act = check_inputs(input, num_groups, weight, bias, eps, activation)
+    name = backend if backend is not None else backends.requested()
+    if name and name != "auto":
+        backends.get(name)  # unknown names fail here, with the list of valid ones
+    y, _ = _forward_op(input, weight, bias, num_groups, float(eps), act, name or "")
+    return y
