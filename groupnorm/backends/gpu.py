@@ -1,0 +1,657 @@
+"""Triton backend: GroupNorm forward and backward kernels for CUDA tensors.
+
+Layout.  ``x`` is viewed as (N, C, S) with S the product of the spatial sizes and three
+strides: contiguous input has (C*S, S, 1), channels-last dense input (NHWC, NDHWC, NLC)
+has (S*C, 1, C).  Every kernel addresses ``x`` through these strides, so both layouts are
+read in place; ``y``/``dx`` come from ``torch.empty_like(x)`` and share the strides.
+Kernels work on 2-D tiles [BLOCK_C channels, BLOCK_S positions]; the plan makes the tile
+long along whichever axis is contiguous in memory.
+
+Statistics.  For each (sample, group) the shift ``mean_hi`` is the group's first element;
+the kernels accumulate d = x - mean_hi.  Each tile is reduced exactly in registers
+(tile mean, then the sum of squared deviations from it) and tiles are merged with Chan's
+formula, so there is no sum/sum-of-squares cancellation; per-(n, channel, spatial-block)
+partials (mean of d, M2) are merged per group in a fixed order by a second small kernel:
+mean_lo = mean(d), rstd = 1/sqrt(M2/M + eps).  xhat is always ``((x - hi) - lo) * rstd``.
+
+Passes (the plan picks one per call, see ``_plan``):
+
+* fused ("one-pass"), when a whole group fits in one register tile: one program per
+  (n, g) loads the group once, computes its statistics and writes y (forward: 1 read of x
+  + 1 write of y); in the backward it loads x and dy once, writes dx and the per-(n, c)
+  partial sums of g and g*xhat (2 reads + 1 write).
+* split, for any size: the spatial extent is cut into blocks so that N x G x blocks
+  programs fill the GPU even at batch 1.  Forward: partial statistics per
+  (n, c, block) -> per-group merge -> normalize/affine/activation pass (2 reads + 1 write).
+  Backward: per-(n, c, block) partial sums of g = dy * act'(z) and g * xhat -> per-group
+  sums (sum_c w_c * partial) -> dx pass (4 reads + 1 write).
+
+dweight/dbias: the per-(n, c, block) partials are reduced over (n, block) in a fixed
+order by one more small kernel: no atomics, results are bitwise reproducible.
+
+Set ``TRITON_INTERPRET=1`` before this module (or triton) is imported to run the kernels
+on CPU tensors with Triton's interpreter (slow; used by the tests).
+"""
+
+import contextlib
+import os
+
+try:
+    import triton
+    import triton.language as tl
+
+    _IMPORT_ERROR = None
+except ImportError as _exc:  # pragma: no cover - exercised only without triton
+    _IMPORT_ERROR = f"triton is not installed ({_exc})"
+
+    class _Stub:
+        constexpr = None
+
+        @staticmethod
+        def jit(fn=None, **kwargs):
+            return fn if fn is not None else (lambda f: f)
+
+    triton = tl = _Stub()
+
+import torch
+
+_ENV = "TRITON_INTERPRET"
+# Whether the kernels below were built for the interpreter (decided at decoration time).
+_INTERPRETED = _IMPORT_ERROR is None and os.environ.get(_ENV, "0") not in ("", "0")
+
+_ACT_CODE = {"none": 0, "relu": 1, "silu": 2, "gelu": 3}
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- device code
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    y = z
+    if ACT == 1:
+        y = tl.maximum(z, 0.0)
+    if ACT == 2:
+        y = z * tl.sigmoid(z)
+    if ACT == 3:
+        y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    return y
+
+
+@triton.jit
+def _act_grad(z, ACT: tl.constexpr):
+    """d act(z) / dz."""
+    d = tl.full(z.shape, 1.0, tl.float32)
+    if ACT == 1:
+        d = tl.where(z > 0.0, 1.0, 0.0)
+    if ACT == 2:
+        s = tl.sigmoid(z)
+        d = s * (1.0 + z * (1.0 - s))
+    if ACT == 3:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
+        d = cdf + z * pdf
+    return d
+
+
+@triton.jit
+def _channel_params(W, B, c, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    if HAS_W:
+        w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        w = tl.full(c.shape, 1.0, tl.float32)
+    if HAS_B:
+        b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros(c.shape, tl.float32)
+    return w, b
+
+
+@triton.jit
+def _fwd_fused_kernel(
+    X, Y, W, B, STATS,
+    stride_n, stride_c, stride_s, C, S, CG, G, M, eps,
+    ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """One program per (n, g); the whole group is one [BLOCK_C, BLOCK_S] tile."""
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid % G
+    ci = tl.arange(0, BLOCK_C)
+    s = tl.arange(0, BLOCK_S)
+    c = g * CG + ci
+    cmask = ci < CG
+    mask = cmask[:, None] & (s < S)[None, :]
+    base = n.to(tl.int64) * stride_n
+    offs = base + c.to(tl.int64)[:, None] * stride_c + s.to(tl.int64)[None, :] * stride_s
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    shift = tl.load(X + base + (g * CG).to(tl.int64) * stride_c).to(tl.float32)
+    d = tl.where(mask, x - shift, 0.0)
+    mean_lo = tl.sum(tl.sum(d, axis=1), axis=0) / M
+    dev = tl.where(mask, d - mean_lo, 0.0)
+    var = tl.sum(tl.sum(dev * dev, axis=1), axis=0) / M
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w, b = _channel_params(W, B, c, cmask, HAS_W, HAS_B)
+    z = dev * rstd * w[:, None] + b[:, None]
+    tl.store(Y + offs, _act(z, ACT).to(Y.dtype.element_ty), mask=mask)
+    tl.store(STATS + pid * 3, shift)
+    tl.store(STATS + pid * 3 + 1, mean_lo)
+    tl.store(STATS + pid * 3 + 2, rstd)
+
+
+@triton.jit
+def _stats_partial_kernel(
+    X, PMEAN, PM2,
+    stride_n, stride_c, stride_s, C, S, CG, NCB, NSB, S_PER_PROG,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Per (n, channel, spatial block): mean and M2 of d = x - shift(group), Chan-merged over tiles."""
+    pid = tl.program_id(0)
+    sb = pid % NSB
+    ncb = pid // NSB
+    n = ncb // NCB
+    cb = ncb % NCB
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    base = n.to(tl.int64) * stride_n
+    first = (c // CG) * CG
+    shift = tl.load(X + base + first.to(tl.int64) * stride_c, mask=cmask, other=0.0).to(tl.float32)
+    s_lo = sb * S_PER_PROG
+    s_hi = tl.minimum(S, s_lo + S_PER_PROG)
+    mean = tl.zeros([BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_C], tl.float32)
+    cnt = tl.zeros([BLOCK_C], tl.float32)
+    for s0 in range(s_lo, s_hi, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = cmask[:, None] & (s < s_hi)[None, :]
+        offs = base + c.to(tl.int64)[:, None] * stride_c + s.to(tl.int64)[None, :] * stride_s
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, x - shift[:, None], 0.0)
+        nb = tl.minimum(s_hi - s0, BLOCK_S).to(tl.float32)
+        bmean = tl.sum(d, axis=1) / nb
+        dev = tl.where(mask, d - bmean[:, None], 0.0)
+        bm2 = tl.sum(dev * dev, axis=1)
+        tot = cnt + nb
+        delta = bmean - mean
+        mean = mean + delta * (nb / tot)
+        m2 = m2 + bm2 + delta * delta * (cnt * nb / tot)
+        cnt = tot
+    out = (n.to(tl.int64) * C + c) * NSB + sb
+    tl.store(PMEAN + out, mean, mask=cmask)
+    tl.store(PM2 + out, m2, mask=cmask)
+
+
+@triton.jit
+def _stats_merge_kernel(
+    X, PMEAN, PM2, STATS,
+    stride_n, stride_c, C, S, CG, G, NSB, S_PER_PROG, M, eps,
+    BLOCK: tl.constexpr,
+):
+    """One program per (n, g): merge the group's CG * NSB partials in a fixed order."""
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid % G
+    base = (n.to(tl.int64) * C + g * CG) * NSB  # the group's partials are adjacent
+    K = CG * NSB
+    acc = tl.zeros([BLOCK], tl.float32)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        km = k < K
+        cnt = tl.minimum(S - (k % NSB) * S_PER_PROG, S_PER_PROG).to(tl.float32)
+        pm = tl.load(PMEAN + base + k, mask=km, other=0.0)
+        acc += tl.where(km, pm * cnt, 0.0)
+    mean_lo = tl.sum(acc, axis=0) / M
+    acc2 = tl.zeros([BLOCK], tl.float32)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        km = k < K
+        cnt = tl.minimum(S - (k % NSB) * S_PER_PROG, S_PER_PROG).to(tl.float32)
+        pm = tl.load(PMEAN + base + k, mask=km, other=0.0)
+        pm2 = tl.load(PM2 + base + k, mask=km, other=0.0)
+        dm = pm - mean_lo
+        acc2 += tl.where(km, pm2 + cnt * dm * dm, 0.0)
+    var = tl.sum(acc2, axis=0) / M
+    rstd = 1.0 / tl.sqrt(var + eps)
+    shift = tl.load(X + n.to(tl.int64) * stride_n + (g * CG).to(tl.int64) * stride_c).to(tl.float32)
+    tl.store(STATS + pid * 3, shift)
+    tl.store(STATS + pid * 3 + 1, mean_lo)
+    tl.store(STATS + pid * 3 + 2, rstd)
+
+
+@triton.jit
+def _load_stats(STATS, n, c, cmask, CG, G):
+    st = STATS + (n * G + c // CG) * 3
+    hi = tl.load(st, mask=cmask, other=0.0)
+    lo = tl.load(st + 1, mask=cmask, other=0.0)
+    rstd = tl.load(st + 2, mask=cmask, other=0.0)
+    return hi, lo, rstd
+
+
+@triton.jit
+def _fwd_apply_kernel(
+    X, Y, W, B, STATS,
+    stride_n, stride_c, stride_s, C, S, CG, G, NCB, NSB,
+    ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """y = act(((x - hi) - lo) * rstd * w + b) on one [BLOCK_C, BLOCK_S] tile."""
+    pid = tl.program_id(0)
+    sb = pid % NSB
+    ncb = pid // NSB
+    n = ncb // NCB
+    cb = ncb % NCB
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
+    cmask = c < C
+    mask = cmask[:, None] & (s < S)[None, :]
+    offs = n.to(tl.int64) * stride_n + c.to(tl.int64)[:, None] * stride_c + s.to(tl.int64)[None, :] * stride_s
+    hi, lo, rstd = _load_stats(STATS, n, c, cmask, CG, G)
+    w, b = _channel_params(W, B, c, cmask, HAS_W, HAS_B)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    xhat = ((x - hi[:, None]) - lo[:, None]) * rstd[:, None]
+    z = xhat * w[:, None] + b[:, None]
+    tl.store(Y + offs, _act(z, ACT).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_fused_kernel(
+    DY, X, W, B, STATS, PB, PW, DX,
+    stride_n, stride_c, stride_s, C, S, CG, G, M,
+    ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, NEED_DX: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """One program per (n, g), the whole group in one tile: dx plus per-(n, c) partials."""
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid % G
+    ci = tl.arange(0, BLOCK_C)
+    s = tl.arange(0, BLOCK_S)
+    c = g * CG + ci
+    cmask = ci < CG
+    mask = cmask[:, None] & (s < S)[None, :]
+    offs = n.to(tl.int64) * stride_n + c.to(tl.int64)[:, None] * stride_c + s.to(tl.int64)[None, :] * stride_s
+    hi = tl.load(STATS + pid * 3)
+    lo = tl.load(STATS + pid * 3 + 1)
+    rstd = tl.load(STATS + pid * 3 + 2)
+    w, b = _channel_params(W, B, c, cmask, HAS_W, HAS_B)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    xhat = ((x - hi) - lo) * rstd
+    z = xhat * w[:, None] + b[:, None]
+    gz = tl.where(mask, dy * _act_grad(z, ACT), 0.0)
+    pb = tl.sum(gz, axis=1)
+    pw = tl.sum(gz * xhat, axis=1)
+    out = n.to(tl.int64) * C + c
+    tl.store(PB + out, pb, mask=cmask)
+    tl.store(PW + out, pw, mask=cmask)
+    if NEED_DX:
+        c1 = tl.sum(pb * w, axis=0) / M
+        c2 = tl.sum(pw * w, axis=0) / M
+        dx = rstd * (gz * w[:, None] - c1 - xhat * c2)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_partial_kernel(
+    DY, X, W, B, STATS, PB, PW,
+    stride_n, stride_c, stride_s, C, S, CG, G, NCB, NSB, S_PER_PROG,
+    ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Per (n, channel, spatial block): sum of g = dy * act'(z) and of g * xhat."""
+    pid = tl.program_id(0)
+    sb = pid % NSB
+    ncb = pid // NSB
+    n = ncb // NCB
+    cb = ncb % NCB
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    base = n.to(tl.int64) * stride_n
+    hi, lo, rstd = _load_stats(STATS, n, c, cmask, CG, G)
+    w, b = _channel_params(W, B, c, cmask, HAS_W, HAS_B)
+    s_lo = sb * S_PER_PROG
+    s_hi = tl.minimum(S, s_lo + S_PER_PROG)
+    acc_b = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+    acc_w = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+    for s0 in range(s_lo, s_hi, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = cmask[:, None] & (s < s_hi)[None, :]
+        offs = base + c.to(tl.int64)[:, None] * stride_c + s.to(tl.int64)[None, :] * stride_s
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        xhat = ((x - hi[:, None]) - lo[:, None]) * rstd[:, None]
+        z = xhat * w[:, None] + b[:, None]
+        gz = tl.where(mask, dy * _act_grad(z, ACT), 0.0)
+        acc_b += gz
+        acc_w += gz * xhat
+    out = (n.to(tl.int64) * C + c) * NSB + sb
+    tl.store(PB + out, tl.sum(acc_b, axis=1), mask=cmask)
+    tl.store(PW + out, tl.sum(acc_w, axis=1), mask=cmask)
+
+
+@triton.jit
+def _bwd_group_kernel(
+    PB, PW, W, COEF, C, CG, G, NSB, M,
+    HAS_W: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program per (n, g): mean over the group of g*w and of g*w*xhat, in a fixed order."""
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid % G
+    base = (n.to(tl.int64) * C + g * CG) * NSB
+    K = CG * NSB
+    acc1 = tl.zeros([BLOCK], tl.float32)
+    acc2 = tl.zeros([BLOCK], tl.float32)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        km = k < K
+        pb = tl.load(PB + base + k, mask=km, other=0.0)
+        pw = tl.load(PW + base + k, mask=km, other=0.0)
+        if HAS_W:
+            w = tl.load(W + g * CG + k // NSB, mask=km, other=0.0).to(tl.float32)
+            pb = pb * w
+            pw = pw * w
+        acc1 += pb
+        acc2 += pw
+    tl.store(COEF + pid * 2, tl.sum(acc1, axis=0) / M)
+    tl.store(COEF + pid * 2 + 1, tl.sum(acc2, axis=0) / M)
+
+
+@triton.jit
+def _bwd_dx_kernel(
+    DY, X, W, B, STATS, COEF, DX,
+    stride_n, stride_c, stride_s, C, S, CG, G, NCB, NSB,
+    ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """dx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)) on one tile."""
+    pid = tl.program_id(0)
+    sb = pid % NSB
+    ncb = pid // NSB
+    n = ncb // NCB
+    cb = ncb % NCB
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
+    cmask = c < C
+    mask = cmask[:, None] & (s < S)[None, :]
+    offs = n.to(tl.int64) * stride_n + c.to(tl.int64)[:, None] * stride_c + s.to(tl.int64)[None, :] * stride_s
+    hi, lo, rstd = _load_stats(STATS, n, c, cmask, CG, G)
+    w, b = _channel_params(W, B, c, cmask, HAS_W, HAS_B)
+    cf = COEF + (n * G + c // CG) * 2
+    c1 = tl.load(cf, mask=cmask, other=0.0)
+    c2 = tl.load(cf + 1, mask=cmask, other=0.0)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    xhat = ((x - hi[:, None]) - lo[:, None]) * rstd[:, None]
+    z = xhat * w[:, None] + b[:, None]
+    gz = dy * _act_grad(z, ACT)
+    dx = rstd[:, None] * (gz * w[:, None] - c1[:, None] - xhat * c2[:, None])
+    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_param_kernel(
+    PB, PW, DW, DB, N, C, NSB,
+    HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dweight_c / dbias_c: the (n, block) partials of each channel summed in a fixed order."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    acc_b = tl.zeros([BLOCK_C, BLOCK_K], tl.float32)
+    acc_w = tl.zeros([BLOCK_C, BLOCK_K], tl.float32)
+    for n in range(0, N):
+        row = (n * C + c.to(tl.int64)) * NSB
+        for k0 in range(0, NSB, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            mask = cmask[:, None] & (k < NSB)[None, :]
+            offs = row[:, None] + k[None, :]
+            if HAS_DB:
+                acc_b += tl.load(PB + offs, mask=mask, other=0.0)
+            if HAS_DW:
+                acc_w += tl.load(PW + offs, mask=mask, other=0.0)
+    if HAS_DB:
+        tl.store(DB + c, tl.sum(acc_b, axis=1).to(DB.dtype.element_ty), mask=cmask)
+    if HAS_DW:
+        tl.store(DW + c, tl.sum(acc_w, axis=1).to(DW.dtype.element_ty), mask=cmask)
+
+
+# --------------------------------------------------------------------------- host side
+
+# Overrides for tests and experiments (see ``tuning``): fused (bool), block_c, block_s,
+# split (spatial blocks per (n, channel block) in the reduction passes), num_sms.
+_OVERRIDES: dict = {}
+_FUSED_MAX = 8192  # elements of one register tile for the one-program-per-group path
+_TILE = 4096  # elements of one tile in the split passes
+
+
+@contextlib.contextmanager
+def tuning(**overrides):
+    """Force plan choices: ``with tuning(fused=False, block_c=2, block_s=4, split=3): ...``."""
+    unknown = set(overrides) - {"fused", "block_c", "block_s", "split", "num_sms"}
+    if unknown:
+        raise ValueError(f"unknown tuning keys {sorted(unknown)}")
+    saved = dict(_OVERRIDES)
+    _OVERRIDES.update(overrides)
+    try:
+        yield
+    finally:
+        _OVERRIDES.clear()
+        _OVERRIDES.update(saved)
+
+
+def _pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+_SM_CACHE: dict = {}
+
+
+def _num_sms(device) -> int:
+    if "num_sms" in _OVERRIDES:
+        return int(_OVERRIDES["num_sms"])
+    if device.type != "cuda":
+        return 4  # interpreter: a pretend GPU, small so that plans stay cheap
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_CACHE:
+        _SM_CACHE[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_CACHE[idx]
+
+
+def _geometry(x):
+    """(N, C, S, stride_n, stride_c, stride_s, channels_last) of x viewed as (N, C, S)."""
+    N, C = x.shape[0], x.shape[1]
+    S = 1
+    for d in x.shape[2:]:
+        S *= d
+    if x.is_contiguous():
+        return N, C, S, C * S, S, 1, False
+    if x.movedim(1, -1).is_contiguous():
+        return N, C, S, S * C, 1, C, True
+    raise ValueError("triton groupnorm: x must be contiguous or channels-last dense")
+
+
+def _warps(tile: int) -> int:
+    return 4 if tile <= 2048 else 8
+
+
+def _plan(N, C, S, G, channels_last, device):
+    """Tile sizes and pass structure for one call; deterministic in the shape."""
+    CG = C // G
+    fused_tile = _pow2(CG) * _pow2(S)
+    sms = _num_sms(device)
+    fused = _OVERRIDES.get("fused")
+    if fused is None:
+        # One program per group: only when a group fits a register tile, and either there
+        # are enough groups to fill the GPU or the whole tensor is small (launch-bound).
+        fused = fused_tile <= _FUSED_MAX and (N * G >= 2 * sms or N * C * S <= (1 << 20))
+    elif fused and fused_tile > _FUSED_MAX * 4:
+        fused = False  # a forced fused plan still has to fit somewhere sensible
+    # Tiles for the split passes: long along the contiguous axis.
+    if channels_last:
+        block_c = min(_pow2(C), 128)
+        block_s = min(_pow2(S), max(1, _TILE // block_c))
+    else:
+        block_s = min(_pow2(S), 1024)
+        block_c = min(_pow2(C), max(1, _TILE // block_s))
+    block_c = int(_OVERRIDES.get("block_c", block_c))
+    block_s = int(_OVERRIDES.get("block_s", block_s))
+    ncb = triton.cdiv(C, block_c)
+    # Split the spatial extent of the reductions until N x channel-blocks x blocks
+    # gives a few waves of programs, keeping at least 4 tiles of work per program.
+    if "split" in _OVERRIDES:
+        nsb = max(1, min(int(_OVERRIDES["split"]), triton.cdiv(S, block_s)))
+    else:
+        want = 4 * sms
+        have = N * ncb
+        nsb = 1 if have >= want else min(triton.cdiv(want, have), max(1, triton.cdiv(S, 4 * block_s)))
+    s_per_prog = triton.cdiv(triton.cdiv(S, nsb), block_s) * block_s
+    nsb = triton.cdiv(S, s_per_prog)
+    return {
+        "CG": CG,
+        "fused": bool(fused),
+        "fused_bc": _pow2(CG),
+        "fused_bs": _pow2(S),
+        "block_c": block_c,
+        "block_s": block_s,
+        "ncb": ncb,
+        "nsb": nsb,
+        "s_per_prog": s_per_prog,
+        "tiles_s": triton.cdiv(S, block_s),
+    }
+
+
+def _dummy(x):
+    return torch.empty(1, device=x.device, dtype=torch.float32)
+
+
+class TritonBackend:
+    name = "triton"
+
+    def available(self):
+        if _IMPORT_ERROR is not None:
+            return _IMPORT_ERROR
+        env = os.environ.get(_ENV, "0") not in ("", "0")
+        if env and not _INTERPRETED:
+            return f"{_ENV}=1 was set after groupnorm.backends.gpu was imported; the kernels were built for CUDA"
+        if _INTERPRETED:
+            return None
+        if not torch.cuda.is_available():
+            return "no CUDA device (set TRITON_INTERPRET=1 before import to run the kernels on CPU in Triton's interpreter)"
+        return None
+
+    def supports(self, x, activation):
+        if _IMPORT_ERROR is not None or activation not in _ACT_CODE or x.dtype not in _DTYPES:
+            return False
+        if x.dim() < 2 or x.numel() == 0:
+            return False
+        if not (x.is_contiguous() or x.movedim(1, -1).is_contiguous()):
+            return False
+        if x.device.type == "cuda":
+            return not _INTERPRETED
+        return x.device.type == "cpu" and _INTERPRETED
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x, weight, bias, num_groups, eps, activation):
+        N, C, S, sn, sc, ss, cl = _geometry(x)
+        G = int(num_groups)
+        if C % G:
+            raise ValueError(f"num_channels {C} is not divisible by num_groups {G}")
+        p = _plan(N, C, S, G, cl, x.device)
+        CG = p["CG"]
+        act = _ACT_CODE[activation]
+        y = torch.empty_like(x)
+        stats = torch.empty((N, G, 3), device=x.device, dtype=torch.float32)
+        w = weight if weight is not None else _dummy(x)
+        b = bias if bias is not None else _dummy(x)
+        has_w, has_b = weight is not None, bias is not None
+        if p["fused"]:
+            bc, bs = p["fused_bc"], p["fused_bs"]
+            _fwd_fused_kernel[(N * G,)](
+                x, y, w, b, stats, sn, sc, ss, C, S, CG, G, float(CG * S), float(eps),
+                ACT=act, HAS_W=has_w, HAS_B=has_b, BLOCK_C=bc, BLOCK_S=bs, num_warps=_warps(bc * bs),
+            )
+            return y, stats
+        bc, bs, ncb, nsb, spp = p["block_c"], p["block_s"], p["ncb"], p["nsb"], p["s_per_prog"]
+        pmean = torch.empty((N, C, nsb), device=x.device, dtype=torch.float32)
+        pm2 = torch.empty_like(pmean)
+        _stats_partial_kernel[(N * ncb * nsb,)](
+            x, pmean, pm2, sn, sc, ss, C, S, CG, ncb, nsb, spp,
+            BLOCK_C=bc, BLOCK_S=bs, num_warps=_warps(bc * bs),
+        )
+        kblock = min(_pow2(CG * nsb), 1024)
+        _stats_merge_kernel[(N * G,)](
+            x, pmean, pm2, stats, sn, sc, C, S, CG, G, nsb, spp, float(CG * S), float(eps),
+            BLOCK=kblock, num_warps=_warps(kblock),
+        )
+        ts = p["tiles_s"]
+        _fwd_apply_kernel[(N * ncb * ts,)](
+            x, y, w, b, stats, sn, sc, ss, C, S, CG, G, ncb, ts,
+            ACT=act, HAS_W=has_w, HAS_B=has_b, BLOCK_C=bc, BLOCK_S=bs, num_warps=_warps(bc * bs),
+        )
+        return y, stats
+
+    # ------------------------------------------------------------------ backward
+    def backward(self, dy, x, weight, bias, stats, num_groups, activation, output_mask):
+        N, C, S, sn, sc, ss, cl = _geometry(x)
+        if dy.stride() != x.stride():
+            # The contract says dy shares x's layout; be tolerant of a mismatch all the same.
+            dy = torch.empty_like(x).copy_(dy)
+        G = int(num_groups)
+        p = _plan(N, C, S, G, cl, x.device)
+        CG = p["CG"]
+        act = _ACT_CODE[activation]
+        need_dx = bool(output_mask[0])
+        need_dw = bool(output_mask[1]) and weight is not None
+        need_db = bool(output_mask[2]) and bias is not None
+        stats = stats.to(torch.float32).contiguous()
+        w = weight if weight is not None else _dummy(x)
+        b = bias if bias is not None else _dummy(x)
+        has_w, has_b = weight is not None, bias is not None
+        dx = torch.empty_like(x) if need_dx else None
+        if not (need_dx or need_dw or need_db):
+            return None, None, None
+        if p["fused"]:
+            bc, bs = p["fused_bc"], p["fused_bs"]
+            nsb = 1
+            pb = torch.empty((N, C, 1), device=x.device, dtype=torch.float32)
+            pw = torch.empty_like(pb)
+            _bwd_fused_kernel[(N * G,)](
+                dy, x, w, b, stats, pb, pw, dx if need_dx else _dummy(x),
+                sn, sc, ss, C, S, CG, G, float(CG * S),
+                ACT=act, HAS_W=has_w, HAS_B=has_b, NEED_DX=need_dx,
+                BLOCK_C=bc, BLOCK_S=bs, num_warps=_warps(2 * bc * bs),
+            )
+        else:
+            bc, bs, ncb, nsb, spp = p["block_c"], p["block_s"], p["ncb"], p["nsb"], p["s_per_prog"]
+            pb = torch.empty((N, C, nsb), device=x.device, dtype=torch.float32)
+            pw = torch.empty_like(pb)
+            _bwd_partial_kernel[(N * ncb * nsb,)](
+                dy, x, w, b, stats, pb, pw, sn, sc, ss, C, S, CG, G, ncb, nsb, spp,
+                ACT=act, HAS_W=has_w, HAS_B=has_b, BLOCK_C=bc, BLOCK_S=bs, num_warps=_warps(bc * bs),
+            )
+            if need_dx:
+                coef = torch.empty((N, G, 2), device=x.device, dtype=torch.float32)
+                kblock = min(_pow2(CG * nsb), 1024)
+                _bwd_group_kernel[(N * G,)](
+                    pb, pw, w, coef, C, CG, G, nsb, float(CG * S), HAS_W=has_w, BLOCK=kblock, num_warps=_warps(kblock),
+                )
+                ts = p["tiles_s"]
+                _bwd_dx_kernel[(N * ncb * ts,)](
+                    dy, x, w, b, stats, coef, dx, sn, sc, ss, C, S, CG, G, ncb, ts,
+                    ACT=act, HAS_W=has_w, HAS_B=has_b, BLOCK_C=bc, BLOCK_S=bs, num_warps=_warps(bc * bs),
+                )
+        dweight = torch.empty(C, device=x.device, dtype=weight.dtype) if need_dw else None
+        dbias = torch.empty(C, device=x.device, dtype=bias.dtype) if need_db else None
+        if need_dw or need_db:
+            pbc = min(_pow2(C), 64)
+            pbk = min(_pow2(nsb), 64)
+            _bwd_param_kernel[(triton.cdiv(C, pbc),)](
+                pb, pw, dweight if need_dw else _dummy(x), dbias if need_db else _dummy(x), N, C, nsb,
+                HAS_DW=need_dw, HAS_DB=need_db, BLOCK_C=pbc, BLOCK_K=pbk, num_warps=_warps(pbc * pbk),
+            )
+        return dx, dweight, dbias
+
+
+BACKEND = TritonBackend()
