@@ -65,10 +65,11 @@ def _per_channel(v, shape, dtype=np.float64) -> np.ndarray:
 def normalize(x: np.ndarray, G: int, eps: float):
     """(xhat, mean, rstd) with mean and rstd of shape (N, G), all float64."""
     xg = _grouped(np.asarray(x, np.float64), G)
-    mean = xg.mean(axis=2)
-    var = ((xg - mean[..., None]) ** 2).mean(axis=2)
-    rstd = 1.0 / np.sqrt(var + eps)
-    xhat = (xg - mean[..., None]) * rstd[..., None]
+    with np.errstate(invalid="ignore"):  # NaN/inf stay in their own group
+        mean = xg.mean(axis=2)
+        var = ((xg - mean[..., None]) ** 2).mean(axis=2)
+        rstd = 1.0 / np.sqrt(var + eps)
+        xhat = (xg - mean[..., None]) * rstd[..., None]
     return xhat.reshape(x.shape), mean, rstd
 
 

@@ -1,0 +1,72 @@
+"""Test helpers: inputs in every layout, tolerances per dtype, the oracle call."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from groupnorm import backends
+from groupnorm.backends import reference
+
+# (atol, rtol) of a result against the float64 oracle, scaled by the result's magnitude.
+TOL = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (2e-5, 1e-4),
+    torch.float16: (4e-3, 1e-2),
+    torch.bfloat16: (3e-2, 2e-2),
+}
+
+
+def cpu_backends() -> list[str]:
+    """Backends that run CPU tensors here (numba once installed; triton only in its own tests)."""
+    only = os.environ.get("GROUPNORM_TEST_BACKENDS")  # e.g. "composite,numba" to narrow a local run
+    out = []
+    for name in only.split(",") if only else ("composite", "numba", "reference"):
+        b = backends.get(name)
+        if b.available() is None:
+            out.append(name)
+    return out
+
+
+def make_input(shape, dtype=torch.float32, layout="contiguous", mean=0.0, std=1.0, seed=0):
+    """A random tensor of ``shape`` stored in ``layout`` ("contiguous" or "channels_last")."""
+    g = torch.Generator().manual_seed(seed)
+    N, C, *spatial = shape
+    if layout == "channels_last":
+        base = torch.randn(N, *spatial, C, dtype=torch.float64, generator=g) * std + mean
+        x = base.to(dtype).movedim(-1, 1)
+        assert x.movedim(1, -1).is_contiguous()
+    else:
+        x = (torch.randn(*shape, dtype=torch.float64, generator=g) * std + mean).to(dtype)
+    return x
+
+
+def oracle(x, w, b, G, eps, activation, dy=None):
+    """Float64 NumPy reference: y, and (dx, dw, db) if dy is given."""
+    npf = lambda t: None if t is None else t.detach().double().numpy()
+    y, _, _ = reference.forward(npf(x), npf(w), npf(b), G, eps, activation)
+    if dy is None:
+        return torch.from_numpy(np.ascontiguousarray(y))
+    dx, dw, db = reference.backward(npf(dy), npf(x), npf(w), npf(b), G, eps, activation)
+    t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+    return torch.from_numpy(y), t(dx), t(dw), t(db)
+
+
+def assert_close(actual, expected, dtype, what="", scale=None):
+    atol, rtol = TOL[dtype]
+    exp = expected.double()
+    act = actual.detach().double()
+    assert act.shape == exp.shape, f"{what}: shape {tuple(act.shape)} != {tuple(exp.shape)}"
+    mag = float(exp.abs().max()) if exp.numel() else 0.0
+    scale = max(1.0, mag) if scale is None else scale
+    err = (act - exp).abs()
+    bound = atol * scale + rtol * exp.abs()
+    bad = err > bound
+    if bad.any():
+        i = int(bad.flatten().nonzero()[0])
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{err.numel()} elements off; max abs err {float(err.max()):.3g} "
+            f"(scale {scale:.3g}); first bad flat index {i}: got {float(act.flatten()[i])}, expected {float(exp.flatten()[i])}"
+        )

@@ -1,0 +1,214 @@
+"""group_norm against the float64 NumPy oracle and torch.nn.GroupNorm, drawn by hypothesis."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from groupnorm import group_norm, last_backend
+from helpers import TOL, assert_close, cpu_backends, make_input, oracle
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+ACTS = [None, "relu", "silu", "gelu"]
+TORCH_ACT = {None: lambda t: t, "relu": F.relu, "silu": F.silu, "gelu": F.gelu}
+
+
+@st.composite
+def cases(draw):
+    N = draw(st.integers(1, 3))
+    G = draw(st.integers(1, 4))
+    Cg = draw(st.integers(1, 4))
+    spatial = draw(st.lists(st.integers(1, 5), min_size=0, max_size=3))
+    shape = (N, G * Cg, *spatial)
+    layout = draw(st.sampled_from(["contiguous", "channels_last"])) if spatial else "contiguous"
+    dtype = draw(st.sampled_from(DTYPES))
+    act = draw(st.sampled_from(ACTS))
+    affine = draw(st.sampled_from(["both", "weight", "bias", "none"]))
+    mean = draw(st.sampled_from([0.0, 3.0, -50.0]))
+    std = draw(st.sampled_from([1.0, 0.1, 10.0]))
+    seed = draw(st.integers(0, 2**16))
+    return shape, G, layout, dtype, act, affine, mean, std, seed
+
+
+def _params(C, dtype, affine, seed, half_param_fp32=False):
+    g = torch.Generator().manual_seed(seed + 1)
+    pdtype = torch.float32 if (half_param_fp32 and dtype in (torch.float16, torch.bfloat16)) else dtype
+    w = (1 + 0.5 * torch.randn(C, generator=g, dtype=torch.float64)).to(pdtype) if affine in ("both", "weight") else None
+    b = (0.5 * torch.randn(C, generator=g, dtype=torch.float64)).to(pdtype) if affine in ("both", "bias") else None
+    return w, b
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@given(case=cases(), fp32_params=st.booleans())
+def test_forward_and_grads_match_oracle(backend, case, fp32_params):
+    shape, G, layout, dtype, act, affine, mean, std, seed = case
+    x = make_input(shape, dtype, layout, mean, std, seed).requires_grad_()
+    w, b = _params(shape[1], dtype, affine, seed, fp32_params)
+    for p in (w, b):
+        if p is not None:
+            p.requires_grad_()
+    y = group_norm(x, G, w, b, 1e-5, activation=act, backend=backend)
+    assert last_backend() == backend
+    assert y.dtype == dtype and y.shape == x.shape
+    assert y.stride() == x.stride(), "the output must keep the input's memory format"
+    dy = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 2)).to(dtype)
+    ry, rdx, rdw, rdb = oracle(x, w, b, G, 1e-5, act or "none", dy)
+    assert_close(y, ry, dtype, "forward")
+    inputs = [x] + [p for p in (w, b) if p is not None]
+    grads = torch.autograd.grad(y, inputs, dy)
+    assert grads[0].stride() == x.stride(), "dx must keep the input's memory format"
+    # dx is a difference of O(1) terms scaled by rstd: judge it on rstd's scale
+    rstd_scale = max(1.0, float(rdx.abs().max()), 1.0 / std)
+    assert_close(grads[0], rdx, dtype, "dx", scale=rstd_scale)
+    expected = [e for e, p in ((rdw, w), (rdb, b)) if p is not None]
+    for got, exp, p in zip(grads[1:], expected, [p for p in (w, b) if p is not None]):
+        assert got.dtype == p.dtype
+        # dw/db sum over N * spatial terms: the tolerance grows with the count
+        count = x.numel() // x.shape[1]
+        assert_close(got, exp, dtype, "dparam", scale=max(1.0, float(exp.abs().max())) * max(1.0, count**0.5 / 4))
+
+
+def x_numel_spatial(shape):
+    n = 1
+    for s in shape[2:]:
+        n *= s
+    return n
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@given(case=cases())
+def test_matches_torch_group_norm(backend, case):
+    shape, G, layout, dtype, act, affine, mean, std, seed = case
+    if dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32  # torch's own half GroupNorm rounds differently; the oracle test covers halves
+    if shape[1] // G * max(1, x_numel_spatial(shape)) == 1:
+        dtype = torch.float64  # one element per group: var = 0, so torch's float32 rounding is amplified by 1/sqrt(eps)
+    x = make_input(shape, dtype, layout, mean, std, seed)
+    w, b = _params(shape[1], dtype, affine, seed)
+    ours = group_norm(x, G, w, b, activation=act, backend=backend)
+    try:
+        theirs = TORCH_ACT[act](F.group_norm(x.contiguous(), G, w, b))
+    except ValueError:  # torch refuses one element in all: xhat = 0, so y = act(bias)
+        assert x.numel() // x.shape[1] == 1
+        theirs = TORCH_ACT[act]((b if b is not None else torch.zeros(shape[1], dtype=dtype)).reshape((1, -1) + (1,) * (x.dim() - 2)).expand_as(x))
+    atol = 1e-4 * max(1.0, abs(mean) / std) if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(ours, theirs, atol=atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_mean_is_accurate(backend, layout):
+    """float32, mean 1e4, std 1e-2: within 1e-3 of the float64 normalization of the same input."""
+    x = make_input((2, 64, 16, 16), torch.float32, layout, mean=1e4, std=1e-2)
+    exact = oracle(x, None, None, 16, 1e-5, "none")  # float64 NumPy (torch's own channels-last path is off even in float64)
+    ours = group_norm(x, 16, backend=backend)
+    err = float((ours.double() - exact).abs().max())
+    assert err < 1e-3, err
+    # torch's CPU kernel is far off here: that gap is the point of this test
+    theirs = float((F.group_norm(x, 16).double() - exact).abs().max())
+    print(f"max abs error, {layout}: groupnorm {err:.2e}, torch.nn.functional.group_norm {theirs:.2e}")
+    assert err < theirs
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_gradcheck_float64(backend):
+    """Analytic gradients vs finite differences (for "reference" this checks the oracle itself)."""
+    g = torch.Generator().manual_seed(0)
+    for shape, G, cl in [((2, 6, 3, 2), 3, False), ((1, 4, 5), 2, False), ((2, 4, 3, 2), 2, True), ((3, 4), 2, False)]:
+        x = torch.randn(shape, dtype=torch.float64, generator=g)
+        if cl:
+            x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+        x.requires_grad_()
+        w = torch.randn(shape[1], dtype=torch.float64, generator=g, requires_grad=True)
+        b = torch.randn(shape[1], dtype=torch.float64, generator=g, requires_grad=True)
+        for act in ACTS:
+            if act == "relu":
+                continue  # kinks: finite differences straddle them
+            assert torch.autograd.gradcheck(
+                lambda x, w, b: group_norm(x, G, w, b, activation=act, backend=backend), (x, w, b)
+            )
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_nan_stays_in_its_group(backend):
+    x = torch.randn(3, 8, 4, 4)
+    x[1, 2, 0, 0] = float("nan")
+    x[2, 7, 1, 1] = float("inf")
+    y = group_norm(x, 4, backend=backend).reshape(3, 4, -1)
+    bad = ~torch.isfinite(y).all(-1)
+    expected = torch.zeros(3, 4, dtype=torch.bool)
+    expected[1, 1] = True
+    expected[2, 3] = True
+    assert torch.equal(bad, expected)
+
+
+def test_empty_batch():
+    x = torch.randn(0, 8, 3, 3, requires_grad=True)
+    y = group_norm(x, 4, torch.ones(8), torch.zeros(8))
+    assert y.shape == (0, 8, 3, 3)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    torch.testing.assert_close(y, F.group_norm(x, 4, torch.ones(8), torch.zeros(8)))
+
+
+def test_odd_strides_are_handled():
+    """Neither contiguous nor channels-last (a transposed view): correct, contiguous result."""
+    base = torch.randn(2, 5, 8, 6)
+    x = base.transpose(1, 2)  # (2, 8, 5, 6), odd strides
+    ours = group_norm(x, 4)
+    torch.testing.assert_close(ours, F.group_norm(x.contiguous(), 4), atol=1e-5, rtol=1e-5)
+
+
+def test_expanded_grad_output():
+    """y.sum().backward() hands the op a stride-0 gradient."""
+    x = make_input((2, 8, 4, 4), layout="channels_last").requires_grad_()
+    w = torch.randn(8, requires_grad=True)
+    group_norm(x, 4, w, None, activation="silu").sum().backward()
+    _, rdx, rdw, _ = oracle(x, w, None, 4, 1e-5, "silu", torch.ones(2, 8, 4, 4))
+    assert_close(x.grad, rdx, torch.float32, "dx", scale=10)
+    assert_close(w.grad, rdw, torch.float32, "dw", scale=10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_keeps_half_and_is_accurate(dtype):
+    """Under autocast the op runs in the half dtype (torch.nn.GroupNorm would upcast)."""
+    conv = torch.nn.Conv2d(3, 8, 3)
+    w, b = torch.randn(8), torch.randn(8)  # float32 parameters, as autocast leaves them
+    x = torch.randn(2, 3, 9, 9)
+    with torch.autocast("cpu", dtype=dtype):
+        h = conv(x)
+        y = group_norm(h, 4, w, b, activation="silu")
+    assert h.dtype == dtype and y.dtype == dtype
+    assert_close(y, oracle(h, w, b, 4, 1e-5, "silu"), dtype, "autocast forward")
+
+
+def test_weight_only_and_bias_only_backward():
+    """torch 2.13's own CPU group_norm fails the backward with bias but no weight; ours does not."""
+    x = torch.randn(2, 6, 5, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    group_norm(x, 3, None, b).pow(2).sum().backward()
+    dy = 2 * group_norm(x.detach(), 3, None, b.detach()).double()
+    _, rdx, _, rdb = oracle(x, None, b, 3, 1e-5, "none", dy)
+    assert_close(x.grad, rdx, torch.float32, "dx")
+    assert_close(b.grad, rdb, torch.float32, "db")
+
+
+def test_deterministic_repeat():
+    for backend in cpu_backends():
+        x = make_input((2, 32, 8, 8), layout="channels_last").requires_grad_()
+        w = torch.randn(32, requires_grad=True)
+        outs = []
+        for _ in range(2):
+            y = group_norm(x, 8, w, None, activation="gelu", backend=backend)
+            gx, gw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+            outs.append((y, gx, gw))
+        for a, b in zip(*outs):
+            assert torch.equal(a, b), backend
+
+
+def test_tolerance_table_is_sane():
+    # the oracle test would be vacuous if a tolerance swallowed O(1) errors
+    assert all(atol < 0.05 and rtol < 0.05 for atol, rtol in TOL.values())
