@@ -1,0 +1,65 @@
+"""torch.library registration: opcheck, and torch.compile(fullgraph=True) on a model using the op."""
+
+import pytest
+import torch
+from torch import nn
+from torch.library import opcheck
+
+import groupnorm
+
+OP = torch.ops.groupnorm.forward.default
+
+
+@pytest.mark.parametrize(
+    "shape, G, layout, dtype, act, affine",
+    [
+        ((2, 8, 5, 3), 4, "contiguous", torch.float32, "silu", True),
+        ((2, 8, 5, 3), 2, "channels_last", torch.float32, "none", True),
+        ((2, 6, 3, 2, 2), 3, "channels_last_3d", torch.float64, "gelu", True),
+        ((3, 4, 7), 2, "contiguous", torch.bfloat16, "relu", False),
+        ((4, 6), 3, "contiguous", torch.float32, "none", True),
+    ],
+)
+def test_opcheck(shape, G, layout, dtype, act, affine):
+    x = torch.randn(shape, dtype=dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "channels_last_3d":
+        x = x.to(memory_format=torch.channels_last_3d)
+    x.requires_grad_()
+    C = shape[1]
+    w = torch.randn(C, dtype=dtype, requires_grad=True) if affine else None
+    b = torch.randn(C, dtype=dtype, requires_grad=True) if affine else None
+    opcheck(OP, (x, w, b, G, 1e-5, act, ""))
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        groupnorm.GroupNorm(4, 16, activation="silu"),
+        nn.Conv2d(16, 16, 3, padding=1),
+        groupnorm.GroupNorm(num_channels=16, group_size=8),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 5),
+    )
+
+
+def test_compile_fullgraph_forward_backward_matches_eager():
+    eager = _model()
+    compiled_src = _model()
+    compiled_src.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_src, fullgraph=True)
+    x = torch.randn(4, 3, 8, 8).to(memory_format=torch.channels_last)
+    y_eager, y_comp = eager(x), compiled(x)
+    torch.testing.assert_close(y_comp, y_eager, atol=1e-5, rtol=1e-5)
+    y_eager.square().sum().backward()
+    y_comp.square().sum().backward()
+    for (name, p1), p2 in zip(eager.named_parameters(), compiled_src.parameters()):
+        torch.testing.assert_close(p2.grad, p1.grad, atol=1e-4, rtol=1e-4, msg=name)
+    # the compiled graph calls our op, and autocast inside it keeps half precision
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = compiled_src[0](x)
+        f = torch.compile(lambda t: groupnorm.group_norm(t, 4, activation="gelu"), fullgraph=True)
+        assert f(h).dtype == torch.bfloat16

@@ -1,0 +1,72 @@
+"""The group policy: strict / divisor / gcd, num_groups or group_size, min_group_size."""
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from groupnorm.groups import divisors, resolve_groups
+
+
+def test_divisors():
+    assert divisors(1) == [1]
+    assert divisors(48) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 48]
+    assert divisors(49) == [1, 7, 49]
+
+
+def test_strict_exact_and_error_names_the_fix():
+    assert resolve_groups(64, 32) == 32
+    assert resolve_groups(64, group_size=16) == 4
+    with pytest.raises(ValueError) as e:
+        resolve_groups(48, 32)
+    msg = str(e.value)
+    assert "48" in msg and "32" in msg and "[1, 2, 3, 4, 6, 8, 12, 16, 24, 48]" in msg and "divisor" in msg
+    with pytest.raises(ValueError, match="group sizes that work"):
+        resolve_groups(48, group_size=5)
+
+
+def test_divisor_and_gcd():
+    assert resolve_groups(48, 32, policy="divisor") == 24
+    assert resolve_groups(48, 32, policy="gcd") == 16
+    assert resolve_groups(48, group_size=5, policy="divisor") == 12  # size 4
+    assert resolve_groups(48, group_size=5, policy="gcd") == 48  # gcd(48, 5) = 1 channel per group
+    assert resolve_groups(16, 32, policy="divisor") == 16
+    assert resolve_groups(16, 32, policy="divisor", min_group_size=4) == 4
+
+
+@given(C=st.integers(1, 600), G=st.integers(1, 600), policy=st.sampled_from(["divisor", "gcd"]), m=st.integers(1, 8))
+def test_policies_always_give_a_valid_group_count(C, G, policy, m):
+    got = resolve_groups(C, G, policy=policy, min_group_size=m)
+    assert 1 <= got <= min(C, G) and C % got == 0
+    if policy == "gcd" and m == 1:
+        assert got == math.gcd(C, G)
+    if policy == "divisor" and m == 1:
+        assert got == max(d for d in divisors(C) if d <= G)
+    if C >= m:
+        assert C // got >= m or got == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_channels=64), "exactly one"),
+        (dict(num_channels=64, num_groups=8, group_size=8), "exactly one"),
+        (dict(num_channels=64, num_groups=0), r"\[1, num_channels=64\]"),
+        (dict(num_channels=64, num_groups=128), r"\[1, num_channels=64\]"),
+        (dict(num_channels=64, num_groups=-2), r"\[1, num_channels=64\]"),
+        (dict(num_channels=0, num_groups=1), "positive"),
+        (dict(num_channels=64, num_groups=8, policy="nearest"), "unknown group policy"),
+        (dict(num_channels=64, group_size=0), "group_size"),
+    ],
+)
+def test_bad_requests(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_groups(**kwargs)
+
+
+def test_types_are_checked():
+    with pytest.raises(TypeError, match="num_groups must be an int"):
+        resolve_groups(64, 8.0)
+    with pytest.raises(TypeError, match="num_groups must be an int"):
+        resolve_groups(64, True)

@@ -1,0 +1,124 @@
+"""The GroupNorm layer as a drop-in for torch.nn.GroupNorm, and the norm_layer factory."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import groupnorm
+from groupnorm import GroupNorm, norm_layer
+
+
+def test_state_dict_round_trip_with_torch():
+    ours = GroupNorm(8, 32)
+    with torch.no_grad():
+        ours.weight.normal_()
+        ours.bias.normal_()
+    theirs = nn.GroupNorm(8, 32)
+    theirs.load_state_dict(ours.state_dict())  # strict: same keys
+    back = GroupNorm(8, 32)
+    back.load_state_dict(theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict()) == ["weight", "bias"]
+    x = torch.randn(3, 32, 5, 5)
+    torch.testing.assert_close(back(x), theirs(x), atol=1e-5, rtol=1e-5)
+    assert not GroupNorm(8, 32, affine=False).state_dict()
+
+
+def test_same_attributes_as_torch():
+    ours, theirs = GroupNorm(4, 16, eps=1e-6, affine=False), nn.GroupNorm(4, 16, eps=1e-6, affine=False)
+    for attr in ("num_groups", "num_channels", "eps", "affine", "weight", "bias"):
+        assert getattr(ours, attr) == getattr(theirs, attr)
+
+
+def test_group_size_and_policy_show_in_repr():
+    m = GroupNorm(num_channels=64, group_size=16)
+    assert m.num_groups == 4 and "group_size=16" in repr(m)
+    m = GroupNorm(32, 48, policy="divisor")
+    assert m.num_groups == 24
+    assert "GroupNorm(24, 48" in repr(m) and "requested_groups=32" in repr(m) and "'divisor'" in repr(m)
+    with pytest.raises(ValueError, match="group counts that work"):
+        GroupNorm(32, 48)
+
+
+def test_activation_is_fused_and_matches_modules():
+    x = torch.randn(2, 16, 6, 6)
+    for act, module in (("relu", nn.ReLU()), ("silu", nn.SiLU()), ("gelu", nn.GELU())):
+        m = GroupNorm(4, 16, activation=act)
+        torch.testing.assert_close(m(x), module(nn.GroupNorm(4, 16)(x)), atol=1e-5, rtol=1e-5)
+        assert f"activation={act!r}" in repr(m)
+    with pytest.raises(ValueError, match="activation"):
+        GroupNorm(4, 16, activation="tanh")
+
+
+def test_channel_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"num_channels=16.*12 channels"):
+        GroupNorm(4, 16)(torch.randn(2, 12, 3))
+
+
+def test_device_dtype_and_training_step():
+    m = GroupNorm(2, 8, dtype=torch.float64)
+    assert m.weight.dtype == torch.float64
+    x = torch.randn(4, 8, 3, 3, dtype=torch.float64)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    loss = (m(x) - 1).pow(2).mean()
+    loss.backward()
+    assert m.weight.grad is not None and m.bias.grad is not None
+    opt.step()
+    assert (m(x) - 1).pow(2).mean().item() < loss.item()
+
+
+def test_norm_layer_factory_like_torchvision_and_timm():
+    make = norm_layer(32)
+    m = make(256)
+    assert isinstance(m, GroupNorm) and m.num_groups == 32 and m.num_channels == 256
+    assert make(128, eps=1e-6).eps == 1e-6  # timm passes overrides as keywords
+    by_size = norm_layer(group_size=16)
+    assert by_size(64).num_groups == 4 and by_size(256).num_groups == 16
+    relaxed = norm_layer(32, policy="divisor", min_group_size=4)
+    assert relaxed(48).num_groups == 12 and relaxed(16).num_groups == 4
+    assert pickle.loads(pickle.dumps(make))(64).num_groups == 32
+    assert "num_groups=32" in repr(make)
+    with pytest.raises(ValueError, match="group counts that work"):
+        make(48)
+
+
+def test_module_deepcopy_and_pickle():
+    m = GroupNorm(4, 16, activation="silu")
+    m2 = pickle.loads(pickle.dumps(copy.deepcopy(m)))
+    x = torch.randn(2, 16, 3)
+    torch.testing.assert_close(m(x), m2(x))
+
+
+def test_layer_in_a_real_network_matches_torch():
+    torch.manual_seed(0)
+
+    def net(norm):
+        return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), norm(32), nn.ReLU(), nn.Conv2d(32, 10, 1))
+
+    ours = net(lambda c: GroupNorm(8, c))
+    theirs = net(lambda c: nn.GroupNorm(8, c))
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 3, 8, 8).to(memory_format=torch.channels_last)
+    ours = ours.to(memory_format=torch.channels_last)
+    y1, y2 = ours(x), theirs(x.contiguous())
+    torch.testing.assert_close(y1, y2, atol=1e-4, rtol=1e-4)
+    y1.square().sum().backward()
+    y2.square().sum().backward()
+    for (n, p1), p2 in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, atol=1e-3, rtol=1e-3, msg=n)
+
+
+def test_stdconv_keeps_conv_state_dict_keys():
+    conv = nn.Conv2d(4, 8, 3, bias=True)
+    std = groupnorm.StdConv2d.from_conv(conv)
+    assert list(std.state_dict()) == list(conv.state_dict())
+    assert torch.equal(std.weight, conv.weight) and torch.equal(std.bias, conv.bias)
+    w = conv.weight.double()
+    mean = w.mean(dim=(1, 2, 3), keepdim=True)
+    var = ((w - mean) ** 2).mean(dim=(1, 2, 3), keepdim=True)
+    w_hat = (w - mean) / torch.sqrt(var + 1e-6)
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    torch.testing.assert_close(std.double()(x), F.conv2d(x, w_hat, conv.bias.double()))
