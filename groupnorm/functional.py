@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from groupnorm import backends
 from groupnorm.backends.composite import stats_dtype
@@ -49,16 +50,7 @@ def _same_strides_as_empty_like(y: Tensor, x: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- the custom ops
-@torch.library.custom_op("groupnorm::forward", mutates_args=())
-def _forward_op(
-    x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    num_groups: int,
-    eps: float,
-    activation: str,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
+def _forward_impl(x, weight, bias, num_groups, eps, activation, backend):
     N = x.shape[0]
     if x.numel() == 0:
         stats = torch.zeros(N, num_groups, 3, dtype=stats_dtype(x.dtype), device=x.device)
@@ -69,10 +61,45 @@ def _forward_op(
     return _same_strides_as_empty_like(y, x), stats
 
 
+@torch.library.custom_op("groupnorm::forward", mutates_args=())
+def _forward_op(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    num_groups: int,
+    eps: float,
+    activation: str,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    return _forward_impl(x, weight, bias, num_groups, eps, activation, backend)
+
+
 @_forward_op.register_fake
 def _forward_fake(x, weight, bias, num_groups, eps, activation, backend):
     stats = x.new_empty((x.shape[0], num_groups, 3), dtype=stats_dtype(x.dtype))
     return torch.empty_like(x), stats
+
+
+def _backward_impl(dy, x, weight, bias, stats, num_groups, activation, backend, output_mask):
+    """dx, dweight, dbias; an entry not asked for (or whose parameter is None) is None."""
+    need_dx, need_dw, need_db = output_mask
+    need_dw = need_dw and weight is not None
+    need_db = need_db and bias is not None
+    dx = dw = db = None
+    if x.numel() > 0:
+        xd = _dense_input(x)
+        impl = backends.select(xd, activation, backend)
+        dx, dw, db = impl.backward(
+            _match_layout(dy, xd), xd, weight, bias, stats, num_groups, activation, [need_dx, need_dw, need_db]
+        )
+        backends.record(impl.name)
+    if need_dx:
+        dx = torch.empty_like(x) if dx is None else _same_strides_as_empty_like(dx, x)
+    if need_dw and dw is None:
+        dw = torch.zeros_like(weight)
+    if need_db and db is None:
+        db = torch.zeros_like(bias)
+    return dx if need_dx else None, dw if need_dw else None, db if need_db else None
 
 
 @torch.library.custom_op("groupnorm::backward", mutates_args=())
@@ -87,30 +114,8 @@ def _backward_op(
     backend: str,
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    need_dx, need_dw, need_db = output_mask
-    need_dw = need_dw and weight is not None
-    need_db = need_db and bias is not None
-    dx = dw = db = None
-    if x.numel() > 0:
-        xd = _dense_input(x)
-        impl = backends.select(xd, activation, backend)
-        dx, dw, db = impl.backward(
-            _match_layout(dy, xd), xd, weight, bias, stats, num_groups, activation, [need_dx, need_dw, need_db]
-        )
-        backends.record(impl.name)
-    if need_dx:
-        dx = torch.empty_like(x) if dx is None else _same_strides_as_empty_like(dx, x)
-    else:
-        dx = x.new_empty(0)
-    if need_dw:
-        dw = torch.zeros_like(weight) if dw is None else dw
-    else:
-        dw = x.new_empty(0)
-    if need_db:
-        db = torch.zeros_like(bias) if db is None else db
-    else:
-        db = x.new_empty(0)
-    return dx, dw, db
+    grads = _backward_impl(dy, x, weight, bias, stats, num_groups, activation, backend, output_mask)
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
 
 
 @_backward_op.register_fake
@@ -145,6 +150,29 @@ def _backward(ctx, dy, dstats):
 
 
 torch.library.register_autograd("groupnorm::forward", _backward, setup_context=_setup_context)
+
+
+class _EagerGroupNorm(torch.autograd.Function):
+    """The same forward/backward without the custom-op dispatcher, for eager mode.
+
+    torch.library's Python dispatch costs tens of microseconds per call; eager code does not
+    need it, so only traced code (torch.compile, export) goes through the registered ops.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_groups, eps, activation, backend):
+        y, stats = _forward_impl(x, weight, bias, num_groups, eps, activation, backend)
+        ctx.save_for_backward(x, weight, bias, stats)
+        ctx.num_groups, ctx.activation, ctx.backend = num_groups, activation, backend
+        return y
+
+    @staticmethod
+    @once_differentiable  # kernels are opaque to autograd: a double backward must fail loudly
+    def backward(ctx, dy):
+        x, weight, bias, stats = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[:3])
+        dx, dw, db = _backward_impl(dy, x, weight, bias, stats, ctx.num_groups, ctx.activation, ctx.backend, mask)
+        return dx, dw, db, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- the public function
@@ -223,5 +251,9 @@ def group_norm(
     name = backend if backend is not None else backends.requested()
     if name and name != "auto":
         backends.get(name)  # unknown names fail here, with the list of valid ones
-    y, _ = _forward_op(input, weight, bias, num_groups, float(eps), act, name or "")
-    return y
+    if torch.compiler.is_compiling():
+        y, _ = _forward_op(input, weight, bias, num_groups, float(eps), act, name or "")
+        return y
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
+        return _EagerGroupNorm.apply(input, weight, bias, num_groups, float(eps), act, name or "")
+    return _forward_impl(input, weight, bias, num_groups, float(eps), act, name or "")[0]

@@ -212,3 +212,18 @@ def test_deterministic_repeat():
 def test_tolerance_table_is_sane():
     # the oracle test would be vacuous if a tolerance swallowed O(1) errors
     assert all(atol < 0.05 and rtol < 0.05 for atol, rtol in TOL.values())
+
+
+def test_double_backward_fails_loudly_not_silently():
+    x = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(group_norm(x, 2).pow(3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|differentiable"):
+        torch.autograd.grad(gx.sum(), x)
+
+
+def test_no_grad_path_equals_autograd_path():
+    x = make_input((2, 8, 3, 3), layout="channels_last")
+    with torch.no_grad():
+        a = group_norm(x, 4, activation="silu")
+    b = group_norm(x.clone().requires_grad_(), 4, activation="silu")
+    assert torch.equal(a, b.detach()) and a.stride() == b.stride()
