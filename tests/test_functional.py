@@ -217,7 +217,7 @@ def test_tolerance_table_is_sane():
 def test_double_backward_fails_loudly_not_silently():
     x = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
     (gx,) = torch.autograd.grad(group_norm(x, 2).pow(3).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|differentiable"):
+    with pytest.raises(RuntimeError):  # an error, never a silently wrong second derivative
         torch.autograd.grad(gx.sum(), x)
 
 
