@@ -236,7 +236,9 @@ def _fwd_apply_kernel(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """y = act(((x - hi) - lo) * rstd * w + b) on one [BLOCK_C, BLOCK_S] tile."""
-    pid = tl.program_id(0)
+    # Walk the tiles in reverse launch order: the first tiles read here are the ones the
+    # statistics pass read last, which are the likeliest to still be in L2.
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
     sb = pid % NSB
     ncb = pid // NSB
     n = ncb // NCB
@@ -365,8 +367,8 @@ def _bwd_dx_kernel(
     ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """dx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)) on one tile."""
-    pid = tl.program_id(0)
+    """dx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)) on one tile (reverse order, see apply)."""
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
     sb = pid % NSB
     ncb = pid // NSB
     n = ncb // NCB
@@ -422,7 +424,9 @@ def _bwd_param_kernel(
 # Overrides for tests and experiments (see ``tuning``): fused (bool), block_c, block_s,
 # split (spatial blocks per (n, channel block) in the reduction passes), num_sms.
 _OVERRIDES: dict = {}
-_FUSED_MAX = 8192  # elements of one register tile for the one-program-per-group path
+# Elements of the one register tile that holds a whole group in the one-program-per-group
+# path: the backward keeps x, dy and their products live, so its limit is lower.
+_FUSED_MAX = {"forward": 8192, "backward": 4096}
 _TILE = 4096  # elements of one tile in the split passes
 
 
@@ -472,11 +476,18 @@ def _geometry(x):
     raise ValueError("triton groupnorm: x must be contiguous or channels-last dense")
 
 
+def _geometry_or_none(t):
+    try:
+        return _geometry(t)
+    except ValueError:
+        return None
+
+
 def _warps(tile: int) -> int:
     return 4 if tile <= 2048 else 8
 
 
-def _plan(N, C, S, G, channels_last, device):
+def _plan(N, C, S, G, channels_last, device, direction="forward"):
     """Tile sizes and pass structure for one call; deterministic in the shape."""
     CG = C // G
     fused_tile = _pow2(CG) * _pow2(S)
@@ -485,8 +496,9 @@ def _plan(N, C, S, G, channels_last, device):
     if fused is None:
         # One program per group: only when a group fits a register tile, and either there
         # are enough groups to fill the GPU or the whole tensor is small (launch-bound).
-        fused = fused_tile <= _FUSED_MAX and (N * G >= 2 * sms or N * C * S <= (1 << 20))
-    elif fused and fused_tile > _FUSED_MAX * 4:
+        limit = _FUSED_MAX[direction]
+        fused = fused_tile <= limit and (N * G >= 2 * sms or N * C * S <= (1 << 20))
+    elif fused and fused_tile > _FUSED_MAX[direction] * 4:
         fused = False  # a forced fused plan still has to fit somewhere sensible
     # Tiles for the split passes: long along the contiguous axis.
     if channels_last:
@@ -503,7 +515,7 @@ def _plan(N, C, S, G, channels_last, device):
     if "split" in _OVERRIDES:
         nsb = max(1, min(int(_OVERRIDES["split"]), triton.cdiv(S, block_s)))
     else:
-        want = 4 * sms
+        want = 8 * sms
         have = N * ncb
         nsb = 1 if have >= want else min(triton.cdiv(want, have), max(1, triton.cdiv(S, 4 * block_s)))
     s_per_prog = triton.cdiv(triton.cdiv(S, nsb), block_s) * block_s
@@ -595,11 +607,11 @@ class TritonBackend:
     # ------------------------------------------------------------------ backward
     def backward(self, dy, x, weight, bias, stats, num_groups, activation, output_mask):
         N, C, S, sn, sc, ss, cl = _geometry(x)
-        if dy.stride() != x.stride():
+        if _geometry_or_none(dy) != (N, C, S, sn, sc, ss, cl):
             # The contract says dy shares x's layout; be tolerant of a mismatch all the same.
             dy = torch.empty_like(x).copy_(dy)
         G = int(num_groups)
-        p = _plan(N, C, S, G, cl, x.device)
+        p = _plan(N, C, S, G, cl, x.device, "backward")
         CG = p["CG"]
         act = _ACT_CODE[activation]
         need_dx = bool(output_mask[0])
