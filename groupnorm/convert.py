@@ -481,7 +481,7 @@ class _Hooks:
         self.reset()
         for m, n in self.names.items():
             self.handles.append(m.register_forward_pre_hook(self._pre(n), with_kwargs=True))
-            self.handles.append(m.register_forward_hook(self._post(n), always_call=True))
+            self.handles.append(m.register_forward_hook(self._post(n)))
 
     def reset(self, mode: str = "record", ref=None, pick=None, on_dev=None):
         self.mode, self.ref, self.pick, self.on_dev = mode, ref, pick, on_dev

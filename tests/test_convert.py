@@ -1,0 +1,392 @@
+"""convert_batchnorm, StdConv and check_batch_independence on small models (fast unit tests)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import groupnorm
+from groupnorm import GroupNorm, StdConv1d, StdConv2d, StdConv3d, check_batch_independence, convert_batchnorm
+from groupnorm.convert import GroupNormAct, batch_coupled_layers
+from archs import BatchNormAct2d, conv1d_net, conv3d_net, mlp_bn1d
+
+
+def small_cnn(width=48, bn=nn.BatchNorm2d):
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1), bn(width), nn.ReLU(),
+        nn.Conv2d(width, 16, 3, padding=1, bias=False), bn(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+    )
+
+
+def randomize_bn(model):
+    """Non-trivial affine parameters and running statistics, so that copies can be told apart."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                if m.affine:
+                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.num_features, generator=g))
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+    return model
+
+
+# ============================================================================ StdConv
+def std_weight_f64(w: torch.Tensor, eps: float) -> torch.Tensor:
+    """The documented formula in float64: biased variance over (in/groups, *kernel) per filter,
+    eps inside the square root."""
+    w = w.double()
+    flat = w.reshape(w.shape[0], -1)
+    mean = flat.mean(1, keepdim=True)
+    var = ((flat - mean) ** 2).sum(1, keepdim=True) / flat.shape[1]
+    return ((flat - mean) / torch.sqrt(var + eps)).reshape(w.shape)
+
+
+@pytest.mark.parametrize("cls,conv,shape", [
+    (StdConv1d, F.conv1d, (2, 8, 11)),
+    (StdConv2d, F.conv2d, (2, 8, 9, 7)),
+    (StdConv3d, F.conv3d, (2, 8, 5, 4, 6)),
+])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_stdconv_matches_float64_formula(cls, conv, shape, groups):
+    torch.manual_seed(0)
+    eps = 1e-3  # large enough that a wrong eps placement shows
+    layer = cls(8, 12, 3, padding=1, groups=groups, bias=True, eps=eps)
+    with torch.no_grad():  # per-filter variance about eps, with a mean to remove
+        layer.weight.normal_(0.3, 0.03)
+    x = torch.randn(shape)
+    w64 = std_weight_f64(layer.weight, eps)
+    expected = conv(x.double(), w64, layer.bias.double(), padding=1, groups=groups)
+    out = layer(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
+    # the alternatives other implementations use are measurably different here
+    flat = layer.weight.double().reshape(12, -1)
+    unbiased = (flat - flat.mean(1, keepdim=True)) / torch.sqrt(flat.var(1, keepdim=True) + eps)
+    outside = (flat - flat.mean(1, keepdim=True)) / (flat.std(1, correction=0, keepdim=True) + eps)
+    for other in (unbiased, outside):
+        alt = conv(x.double(), other.reshape(layer.weight.shape), layer.bias.double(), padding=1, groups=groups)
+        assert (alt - expected).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("cls,base", [(StdConv1d, nn.Conv1d), (StdConv2d, nn.Conv2d), (StdConv3d, nn.Conv3d)])
+def test_stdconv_is_a_drop_in_conv(cls, base):
+    ref = base(4, 6, 3, stride=2, bias=False)
+    layer = cls(4, 6, 3, stride=2, bias=False)
+    assert isinstance(layer, base)
+    assert list(layer.state_dict()) == list(ref.state_dict())
+    layer.load_state_dict(ref.state_dict())
+    assert torch.equal(layer.weight, ref.weight)
+
+
+# ============================================================================ convert_batchnorm: layers
+@pytest.mark.parametrize("bn_cls,x_shape", [
+    (nn.BatchNorm1d, (4, 64)),
+    (nn.BatchNorm1d, (4, 64, 10)),
+    (nn.BatchNorm2d, (4, 64, 5, 6)),
+    (nn.BatchNorm3d, (4, 64, 3, 4, 5)),
+])
+def test_each_batchnorm_becomes_the_equivalent_groupnorm(bn_cls, x_shape):
+    bn = randomize_bn(nn.Sequential(bn_cls(64, eps=1e-3)))[0]
+    model = nn.Sequential(bn)
+    model = convert_batchnorm(model, 32)
+    gn = model[0]
+    assert type(gn) is GroupNorm and (gn.num_groups, gn.num_channels, gn.eps, gn.affine) == (32, 64, 1e-3, True)
+    assert gn.weight is bn.weight and gn.bias is bn.bias  # the same Parameters: bitwise, optimizer-safe
+    x = torch.randn(x_shape)
+    torch.testing.assert_close(gn(x), F.group_norm(x, 32, bn.weight, bn.bias, 1e-3), atol=1e-5, rtol=1e-5)
+
+
+def test_root_batchnorm_is_replaced_and_returned():
+    bn = nn.BatchNorm2d(64)
+    out = convert_batchnorm(bn)
+    assert type(out) is GroupNorm and out.weight is bn.weight
+
+
+def test_sync_and_lazy_batchnorm():
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(small_cnn())
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) == 2
+    model = convert_batchnorm(model)
+    assert [type(m) for m in model if isinstance(m, GroupNorm)] == [GroupNorm, GroupNorm]
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 4)
+
+    lazy = nn.Sequential(nn.Conv2d(3, 48, 3), nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match=r"LazyBatchNorm2d at '1' has not seen data.*forward pass"):
+        convert_batchnorm(lazy)
+    assert isinstance(lazy[1], nn.LazyBatchNorm2d)  # untouched
+    lazy(torch.randn(2, 3, 8, 8))  # materializes: the layer becomes a BatchNorm2d
+    lazy = convert_batchnorm(lazy)
+    assert type(lazy[1]) is GroupNorm and lazy[1].num_channels == 48
+
+
+def test_affine_free_frozen_eval_dtype_and_sharing_are_kept():
+    free = nn.BatchNorm2d(32, affine=False)
+    frozen = nn.BatchNorm2d(64).double()
+    frozen.weight.requires_grad_(False)
+    frozen.bias.requires_grad_(False)
+    frozen.eval()
+    shared = nn.BatchNorm2d(16)
+    model = nn.ModuleDict(dict(free=free, frozen=frozen, a=shared, b=nn.Sequential(shared)))
+    model.train()
+    frozen.eval()
+    out = convert_batchnorm(model)
+    assert out is model
+    assert out["free"].affine is False and out["free"].weight is None
+    f = out["frozen"]
+    assert f.weight.dtype == torch.float64 and not f.weight.requires_grad and not f.bias.requires_grad
+    assert f.training is False and out["free"].training is True
+    assert out["a"] is out["b"][0]  # a module shared in two places stays one module
+    x = torch.randn(2, 64, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(f(x), F.group_norm(x, 32, f.weight, f.bias, f.eps))
+
+
+def test_norm_act_subclass_keeps_its_activation():
+    """timm's BatchNormAct2d: a lone ReLU/SiLU is fused, anything else is kept as a child."""
+    model = nn.Sequential(BatchNormAct2d(64), BatchNormAct2d(64, act_layer=nn.SiLU),
+                          BatchNormAct2d(64, act_layer=lambda inplace: nn.LeakyReLU(0.2, inplace)))
+    randomize_bn(model)
+    ref = copy.deepcopy(model)
+    model = convert_batchnorm(model)
+    assert (type(model[0]), model[0].activation) == (GroupNorm, "relu")
+    assert (type(model[1]), model[1].activation) == (GroupNorm, "silu")
+    assert type(model[2]) is GroupNormAct and isinstance(model[2].act, nn.LeakyReLU)
+    assert set(model.state_dict()) == {f"{i}.{p}" for i in range(3) for p in ("weight", "bias")}
+    x = torch.randn(2, 64, 4, 4)
+    for new, old, act in zip(model, ref, (F.relu, F.silu, lambda t: F.leaky_relu(t, 0.2))):
+        torch.testing.assert_close(new(x), act(F.group_norm(x, 32, old.weight, old.bias, old.eps)), atol=1e-5, rtol=1e-5)
+
+
+def test_non_batchnorm_parameters_and_buffers_are_bitwise_untouched():
+    torch.manual_seed(0)
+    model = nn.Sequential(small_cnn(), nn.LayerNorm(4), nn.InstanceNorm1d(4, affine=True, track_running_stats=True))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = {n: id(p) for n, p in model.named_parameters()}
+    model = convert_batchnorm(model)
+    after = model.state_dict()
+    for k, v in before.items():
+        if k.startswith("0.1.") or k.startswith("0.4."):  # the BatchNorms: only weight/bias survive
+            if k.endswith(("weight", "bias")):
+                assert torch.equal(after[k], v)
+            else:
+                assert k not in after
+        else:
+            assert torch.equal(after[k], v) and after[k].dtype == v.dtype, k
+    assert {n: id(p) for n, p in model.named_parameters()} == ids
+
+
+# ============================================================================ convert_batchnorm: group policy
+@pytest.mark.parametrize("kwargs,expected", [
+    (dict(), {48: 24, 16: 8, 64: 32}),                          # divisor, at least 2 channels per group
+    (dict(min_group_size=1), {48: 24, 16: 16, 64: 32}),         # one channel per group only when asked
+    (dict(policy="gcd"), {48: 16, 16: 8, 64: 32}),              # Opacus' rule, min 2 channels
+    (dict(group_size=16), {48: 3, 16: 1, 64: 4}),               # channels per group instead
+    (dict(num_groups=8, min_group_size=4), {48: 8, 16: 4, 64: 8}),
+])
+def test_group_policy_per_layer(kwargs, expected):
+    model = nn.ModuleDict({str(c): nn.BatchNorm2d(c) for c in expected})
+    model, summary = convert_batchnorm(model, return_summary=True, **kwargs)
+    assert {int(n): model[n].num_groups for n in model} == expected
+    assert {r.num_channels: r.num_groups for r in summary} == expected
+    for r in summary:
+        assert r.num_groups == groupnorm.resolve_groups(
+            r.num_channels, kwargs.get("num_groups", None if "group_size" in kwargs else 32),
+            group_size=kwargs.get("group_size"), policy=kwargs.get("policy", "divisor"),
+            min_group_size=kwargs.get("min_group_size", 2))
+
+
+def test_strict_policy_error_names_the_layer_and_leaves_the_model_alone():
+    model = small_cnn(width=48)
+    with pytest.raises(ValueError, match=r"BatchNorm2d at '1' \(48 channels\).*not divisible.*policy='divisor'"):
+        convert_batchnorm(model, 32, policy="strict")
+    assert isinstance(model[1], nn.BatchNorm2d) and isinstance(model[4], nn.BatchNorm2d)
+    assert type(convert_batchnorm(model, 16, policy="strict")[1]) is GroupNorm
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: convert_batchnorm({"w": torch.ones(1)}), TypeError, r"expects a torch.nn.Module, got builtins.dict.*state_dict"),
+    (lambda: convert_batchnorm(torch.ones(3)), TypeError, "expects a torch.nn.Module"),
+    (lambda: convert_batchnorm(small_cnn(), 8, group_size=4), ValueError, "not both"),
+    (lambda: convert_batchnorm(small_cnn(), None), ValueError, "give num_groups"),
+    (lambda: convert_batchnorm(small_cnn(), 0), ValueError, "num_groups must be a positive int"),
+    (lambda: convert_batchnorm(small_cnn(), policy="nearest"), ValueError, "unknown group policy 'nearest'"),
+    (lambda: convert_batchnorm(small_cnn(), eps=-1.0), ValueError, "eps must be a positive number"),
+    (lambda: convert_batchnorm(nn.Sequential(nn.BatchNorm2d(8, eps=0.0))), ValueError, r"eps=0.0.*pass eps=1e-5"),
+    (lambda: convert_batchnorm(nn.BatchNorm2d(16), group_size=32), ValueError, r"group_size must be in \[1, num_channels=16\]"),
+])
+def test_bad_inputs_get_clear_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_summary_is_returned_logged_and_printed(caplog, capsys):
+    with caplog.at_level(logging.INFO, logger="groupnorm.convert"):
+        model, summary = convert_batchnorm(small_cnn(), return_summary=True, verbose=True)
+    assert [(r.name, r.old_type, r.num_channels, r.num_groups, r.group_size) for r in summary] == [
+        ("1", "BatchNorm2d", 48, 24, 2), ("4", "BatchNorm2d", 16, 8, 2)]
+    assert "1: BatchNorm2d(48) -> GroupNorm(24 groups of 2" in caplog.text
+    printed = capsys.readouterr().out
+    assert printed.startswith("converted 2 BatchNorm layer(s)") and "48   24" in printed
+    assert str(summary) in printed
+
+
+def test_weight_standardization_swaps_convs_and_keeps_their_weights():
+    model = nn.Sequential(conv1d_net(), nn.Unflatten(1, (1, 2)))
+    net3 = conv3d_net()
+    deconv = nn.ConvTranspose2d(3, 3, 2)
+    both = nn.ModuleList([model, net3, deconv])
+    convs = {n: m for n, m in both.named_modules() if type(m) in (nn.Conv1d, nn.Conv3d)}
+    both, summary = convert_batchnorm(both, weight_standardization=True, return_summary=True)
+    assert len(summary.convs()) == len(convs) == 4 and len(summary.norms()) == 4
+    modules = dict(both.named_modules())
+    for n, old in convs.items():
+        new = modules[n]
+        assert type(new) is {nn.Conv1d: StdConv1d, nn.Conv3d: StdConv3d}[type(old)]
+        assert new.weight is old.weight and new.bias is old.bias
+        assert (new.stride, new.padding, new.groups) == (old.stride, old.padding, old.groups)
+    assert type(both[2]) is nn.ConvTranspose2d  # transposed convs are left alone
+    conv = both[0][0][3]  # Conv1d(32, 32, 3, groups=4)
+    x = torch.randn(2, 32, 9)
+    w = std_weight_f64(conv.weight, conv.eps).float()
+    torch.testing.assert_close(conv(x), F.conv1d(x, w, conv.bias, padding=1, groups=4), atol=1e-5, rtol=1e-5)
+
+
+# ============================================================================ check_batch_independence
+class BatchMeanCentering(nn.Module):
+    """A custom layer that couples samples without being a BatchNorm: x - x.mean(0)."""
+
+    def forward(self, x):
+        return x - x.mean(0, keepdim=True)
+
+
+class NoisyLayer(nn.Module):
+    def forward(self, x):
+        return x + 0.1 * torch.randn_like(x)
+
+
+def test_batch_independence_names_the_coupled_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(small_cnn(width=16), BatchMeanCentering())
+    randomize_bn(model)
+    model.eval()
+    state = copy.deepcopy(model.state_dict())
+    x = torch.randn(4, 3, 8, 8)
+    rng = torch.get_rng_state()
+    report = check_batch_independence(model, x)
+    assert not report.ok
+    assert report.offenders == ["0.1", "0.4", "1"]
+    assert report["0.1"].alone > 0.1 and report["1"].offender and not report["0.2"].offender
+    assert not report["0.2"].ok  # the ReLU after the first BatchNorm moves too, but only downstream
+    assert [c[0] for c in report.coupled_layers] == ["0.1", "0.4"]
+    text = str(report)
+    assert "FAILED" in text and "0.1 (BatchNorm2d)" in text and "1 (BatchMeanCentering)" in text
+    # the model is as it was: eval mode, running statistics, RNG
+    assert not any(m.training for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+    eval_report = check_batch_independence(model[0], x, train=False)
+    assert eval_report.ok, str(eval_report)
+    assert "inactive in this mode" in str(eval_report)
+
+    converted = convert_batchnorm(copy.deepcopy(model[0]))
+    report = check_batch_independence(converted, x)
+    assert report.ok and not report.offenders and report.coupled_layers == []
+    assert "OK" in str(report) and len(report.rows) == len(list(converted.modules()))
+    assert max(r.deviation for r in report.rows) < 1e-4
+
+
+def test_batch_independence_on_1d_3d_and_tuple_inputs():
+    torch.manual_seed(0)
+    mlp = mlp_bn1d()
+    report = check_batch_independence(mlp, torch.randn(3, 12))
+    assert not report.ok and report.offenders == ["1", "4"]  # found by re-running each on its own inputs
+    assert report["1"].offender and report["4"].offender
+    assert check_batch_independence(convert_batchnorm(mlp), torch.randn(3, 12)).ok
+
+    net = conv3d_net()
+    assert not check_batch_independence(net, torch.randn(2, 1, 6, 6, 6)).ok
+    assert check_batch_independence(convert_batchnorm(net, 8), torch.randn(2, 1, 6, 6, 6)).ok
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = convert_batchnorm(conv1d_net())
+
+        def forward(self, x, scale):
+            return self.net(x) * scale
+
+    assert check_batch_independence(TwoInputs(), (torch.randn(3, 4, 10), torch.rand(3, 1))).ok
+
+
+def test_batch_independence_single_sample_failure_and_randomness():
+    # BatchNorm1d on (N, C) cannot even run on one sample in training
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+    report = check_batch_independence(model, torch.randn(4, 4))
+    assert not report.ok and "fails on sample 0 alone (raised in '1')" in str(report)
+    assert report.offenders == ["1"]
+
+    # torch Dropout is switched off; other random layers are reported, not mistaken for coupling
+    drop = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.ReLU())
+    report = check_batch_independence(drop, torch.randn(4, 4))
+    assert report.ok and "Dropout" in str(report) and drop[1].training
+    report = check_batch_independence(nn.Sequential(nn.Linear(4, 4), NoisyLayer()), torch.randn(4, 4))
+    assert not report.ok and "random layer" in str(report) and "'1' (NoisyLayer)" in str(report)
+
+    # identical samples hide BatchNorm's coupling from the dynamic check; the static scan still fails it
+    same = torch.randn(1, 3, 8, 8).expand(4, -1, -1, -1)
+    report = check_batch_independence(small_cnn(), same)
+    assert not report.ok and "all samples are identical" in str(report)
+
+
+def test_batch_independence_bad_inputs():
+    with pytest.raises(TypeError, match="expects a torch.nn.Module"):
+        check_batch_independence(lambda x: x, torch.randn(2, 3))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        check_batch_independence(nn.Linear(3, 3), torch.randn(1, 3))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        check_batch_independence(nn.Linear(3, 3), (torch.randn(2, 3), torch.randn(3, 3)))
+    with pytest.raises(TypeError, match="tensor or a tuple/list of tensors"):
+        check_batch_independence(nn.Linear(3, 3), [1, 2])
+
+
+def test_static_scan_modes():
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.BatchNorm2d(4, track_running_stats=False), nn.GroupNorm(2, 4))
+    assert [(n, a) for n, _, a, _ in batch_coupled_layers(model, train=True)] == [("0", True), ("1", True)]
+    assert [(n, a) for n, _, a, _ in batch_coupled_layers(model, train=False)] == [("0", False), ("1", True)]
+
+
+# ============================================================================ Opacus grad sampler
+@pytest.mark.parametrize("layer", [
+    GroupNorm(4, 8),
+    GroupNorm(4, 8, activation="silu"),
+    GroupNorm(4, 8, activation="gelu"),
+    "norm_act",
+])
+def test_opacus_per_sample_grads_equal_single_sample_grads(layer):
+    pytest.importorskip("opacus")
+    from groupnorm.opacus_support import per_sample_grads
+
+    torch.manual_seed(0)
+    if layer == "norm_act":
+        layer = convert_batchnorm(BatchNormAct2d(8, act_layer=lambda inplace: nn.LeakyReLU(0.1)), 4)
+        assert type(layer) is GroupNormAct
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    x = torch.randn(3, 8, 5, 5)
+    dy = torch.randn(3, 8, 5, 5)
+    grads = per_sample_grads(layer, [x], dy)
+    for i in range(3):
+        layer.zero_grad()
+        layer(x[i:i + 1]).backward(dy[i:i + 1])
+        torch.testing.assert_close(grads[layer.weight][i], layer.weight.grad, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(grads[layer.bias][i], layer.bias.grad, atol=1e-5, rtol=1e-4)
+    assert math.isfinite(float(grads[layer.weight].sum()))
