@@ -60,7 +60,7 @@ SHAPE_LAYOUTS = [(shape, G, layout) for shape, G, layouts in CASES for layout in
 # (blocks that do not divide C or the spatial size, several spatial blocks per channel).
 PATHS = {
     "fused": dict(fused=True),
-    "split": dict(fused=False, block_c=2, block_s=4, split=3),
+    "split": dict(fused=False, block_c=2, block_s=4, split=3, reduce_block=2),
 }
 
 
@@ -212,7 +212,7 @@ def test_mixed_precision_params(dtype, layout, path):
 @pytest.mark.parametrize(
     "shape,G,layout,tune",
     [
-        ((2, 12, 5, 3), 4, "contiguous", dict(block_c=4, block_s=4, split=2)),  # C/G = 3; c-blocks span groups
+        ((2, 12, 5, 3), 4, "contiguous", dict(block_c=4, block_s=4, split=2, reduce_block=2)),  # C/G = 3
         ((2, 12, 5, 3), 4, "channels_last", dict(block_c=8, block_s=2, split=5)),
         ((1, 6, 7), 2, "nlc", dict(block_c=4, block_s=2, split=4)),
         ((3, 4, 2, 3, 2), 2, "channels_last_3d", dict(block_c=2, block_s=2, split=6)),
@@ -306,14 +306,15 @@ def test_dy_in_other_layout():
     block_c=st.sampled_from([1, 2, 4, 8]),
     block_s=st.sampled_from([1, 2, 4, 8]),
     split=st.integers(1, 4),
+    reduce_block=st.sampled_from([1, 2, 1024]),
     seed=st.integers(0, 2**16),
 )
-def test_random_shapes(N, G, CG, spatial, channels_last, dtype, act, affine, fused, block_c, block_s, split, seed):
+def test_random_shapes(N, G, CG, spatial, channels_last, dtype, act, affine, fused, block_c, block_s, split, reduce_block, seed):
     shape = (N, G * CG, *spatial)
     layout = "contiguous" if not (channels_last and spatial) else "nlc"
     x = make(shape, dtype, layout, mean=float(seed % 7) - 3.0, seed=seed)
     w, b = params(G * CG, dtype, affine, seed=seed + 1)
-    tune = dict(fused=fused) if fused else dict(fused=False, block_c=block_c, block_s=block_s, split=split)
+    tune = dict(fused=fused) if fused else dict(fused=False, block_c=block_c, block_s=block_s, split=split, reduce_block=reduce_block)
     check_all(x, w, b, G, act, run(x, w, b, G, act, **tune), what=f"{shape} {layout} {dtype} {act} {affine} {tune}")
 
 
@@ -349,6 +350,37 @@ def test_plan_overrides_restore():
     with pytest.raises(ValueError):
         with gpu.tuning(nonsense=1):
             pass
+
+
+# ----------------------------------------------------------------------------- compiled for a real GPU
+_AOT_SCRIPT = """
+import torch
+from groupnorm.backends import gpu
+cases = [gpu.CHECK_CASES[0], gpu.CHECK_CASES[3], gpu.CHECK_CASES[6],
+         ((3, 64), 64, "contiguous", torch.float16, torch.float32, "relu"),   # C/G = 1, S = 1: ints specialized to 1
+         ((1, 32, 4096), 32, "contiguous", torch.bfloat16, None, "gelu")]      # C/G = 1, split reduction
+rows = gpu.compile_check(cases, arch=90, verbose=False)
+print("KERNELS", len(rows), "MAXREGS", max(r[-2] for r in rows))
+"""
+
+
+def test_kernels_compile_for_sm90():
+    """Every launch of some GPU-suite plans compiles ahead of time to an sm_90 cubin (no GPU needed).
+
+    The interpreter does not type-check like the compiler (constexpr specialization of ints equal
+    to 1, dtype promotion, loop-carried types); this catches what would fail only on a GPU.
+    """
+    import subprocess
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("triton's CUDA backend (ptxas) is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "KERNELS" in proc.stdout
 
 
 # ----------------------------------------------------------------------------- through the op

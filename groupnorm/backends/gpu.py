@@ -334,28 +334,38 @@ def _bwd_partial_kernel(
 
 @triton.jit
 def _bwd_group_kernel(
-    PB, PW, W, COEF, C, CG, G, NSB, M,
-    HAS_W: tl.constexpr, BLOCK: tl.constexpr,
+    PB, PW, W, PBC, PWC, COEF, C, CG, G, NSB, M,
+    HAS_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One program per (n, g): mean over the group of g*w and of g*w*xhat, in a fixed order."""
+    """One program per (n, g), fixed order: per-(n, c) totals of the block partials, and the
+    group means of g*w and g*w*xhat that dx needs."""
     pid = tl.program_id(0)
     n = pid // G
     g = pid % G
-    base = (n.to(tl.int64) * C + g * CG) * NSB
-    K = CG * NSB
-    acc1 = tl.zeros([BLOCK], tl.float32)
-    acc2 = tl.zeros([BLOCK], tl.float32)
-    for k0 in range(0, K, BLOCK):
-        k = k0 + tl.arange(0, BLOCK)
-        km = k < K
-        pb = tl.load(PB + base + k, mask=km, other=0.0)
-        pw = tl.load(PW + base + k, mask=km, other=0.0)
+    acc1 = tl.zeros([BLOCK_C], tl.float32)
+    acc2 = tl.zeros([BLOCK_C], tl.float32)
+    for c0 in range(0, CG, BLOCK_C):
+        ci = c0 + tl.arange(0, BLOCK_C)
+        cmask = ci < CG
+        c = g * CG + ci
+        rows = (n.to(tl.int64) * C + c) * NSB
+        acc_b = tl.zeros([BLOCK_C, BLOCK_K], tl.float32)
+        acc_w = tl.zeros([BLOCK_C, BLOCK_K], tl.float32)
+        for k0 in range(0, NSB, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            mask = cmask[:, None] & (k < NSB)[None, :]
+            acc_b += tl.load(PB + rows[:, None] + k[None, :], mask=mask, other=0.0)
+            acc_w += tl.load(PW + rows[:, None] + k[None, :], mask=mask, other=0.0)
+        sb = tl.sum(acc_b, axis=1)
+        sw = tl.sum(acc_w, axis=1)
+        tl.store(PBC + n.to(tl.int64) * C + c, sb, mask=cmask)
+        tl.store(PWC + n.to(tl.int64) * C + c, sw, mask=cmask)
         if HAS_W:
-            w = tl.load(W + g * CG + k // NSB, mask=km, other=0.0).to(tl.float32)
-            pb = pb * w
-            pw = pw * w
-        acc1 += pb
-        acc2 += pw
+            w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+            sb = sb * w
+            sw = sw * w
+        acc1 += sb
+        acc2 += sw
     tl.store(COEF + pid * 2, tl.sum(acc1, axis=0) / M)
     tl.store(COEF + pid * 2 + 1, tl.sum(acc2, axis=0) / M)
 
@@ -422,7 +432,8 @@ def _bwd_param_kernel(
 # --------------------------------------------------------------------------- host side
 
 # Overrides for tests and experiments (see ``tuning``): fused (bool), block_c, block_s,
-# split (spatial blocks per (n, channel block) in the reduction passes), num_sms.
+# split (spatial blocks per (n, channel block) in the reduction passes), num_sms,
+# reduce_block (caps the vector widths of the small merge/reduce kernels, to test their loops).
 _OVERRIDES: dict = {}
 # Elements of the one register tile that holds a whole group in the one-program-per-group
 # path: the backward keeps x, dy and their products live, so its limit is lower.
@@ -433,7 +444,7 @@ _TILE = 4096  # elements of one tile in the split passes
 @contextlib.contextmanager
 def tuning(**overrides):
     """Force plan choices: ``with tuning(fused=False, block_c=2, block_s=4, split=3): ...``."""
-    unknown = set(overrides) - {"fused", "block_c", "block_s", "split", "num_sms"}
+    unknown = set(overrides) - {"fused", "block_c", "block_s", "split", "num_sms", "reduce_block"}
     if unknown:
         raise ValueError(f"unknown tuning keys {sorted(unknown)}")
     saved = dict(_OVERRIDES)
@@ -534,6 +545,22 @@ def _plan(N, C, S, G, channels_last, device, direction="forward"):
     }
 
 
+# When a list, launches are recorded instead of run (see ``compile_check``).
+_RECORD = None
+
+
+def _launch(kernel, grid, *args, num_warps=4, **constexprs):
+    if _RECORD is not None:
+        _RECORD.append((kernel, grid, args, constexprs, num_warps))
+        return
+    kernel[grid](*args, num_warps=num_warps, **constexprs)
+
+
+def _rb(v: int) -> int:
+    """A reduce-kernel block width, capped by the ``reduce_block`` override."""
+    return max(1, min(v, int(_OVERRIDES.get("reduce_block", v))))
+
+
 def _dummy(x):
     return torch.empty(1, device=x.device, dtype=torch.float32)
 
@@ -580,7 +607,7 @@ class TritonBackend:
         has_w, has_b = weight is not None, bias is not None
         if p["fused"]:
             bc, bs = p["fused_bc"], p["fused_bs"]
-            _fwd_fused_kernel[(N * G,)](
+            _launch(_fwd_fused_kernel, (N * G,),
                 x, y, w, b, stats, sn, sc, ss, C, S, CG, G, float(CG * S), float(eps),
                 ACT=act, HAS_W=has_w, HAS_B=has_b, BLOCK_C=bc, BLOCK_S=bs, num_warps=_warps(bc * bs),
             )
@@ -588,17 +615,17 @@ class TritonBackend:
         bc, bs, ncb, nsb, spp = p["block_c"], p["block_s"], p["ncb"], p["nsb"], p["s_per_prog"]
         pmean = torch.empty((N, C, nsb), device=x.device, dtype=torch.float32)
         pm2 = torch.empty_like(pmean)
-        _stats_partial_kernel[(N * ncb * nsb,)](
+        _launch(_stats_partial_kernel, (N * ncb * nsb,),
             x, pmean, pm2, sn, sc, ss, C, S, CG, ncb, nsb, spp,
             BLOCK_C=bc, BLOCK_S=bs, num_warps=_warps(bc * bs),
         )
-        kblock = min(_pow2(CG * nsb), 1024)
-        _stats_merge_kernel[(N * G,)](
+        kblock = _rb(min(_pow2(CG * nsb), 1024))
+        _launch(_stats_merge_kernel, (N * G,),
             x, pmean, pm2, stats, sn, sc, C, S, CG, G, nsb, spp, float(CG * S), float(eps),
             BLOCK=kblock, num_warps=_warps(kblock),
         )
         ts = p["tiles_s"]
-        _fwd_apply_kernel[(N * ncb * ts,)](
+        _launch(_fwd_apply_kernel, (N * ncb * ts,),
             x, y, w, b, stats, sn, sc, ss, C, S, CG, G, ncb, ts,
             ACT=act, HAS_W=has_w, HAS_B=has_b, BLOCK_C=bc, BLOCK_S=bs, num_warps=_warps(bc * bs),
         )
@@ -629,7 +656,7 @@ class TritonBackend:
             nsb = 1
             pb = torch.empty((N, C, 1), device=x.device, dtype=torch.float32)
             pw = torch.empty_like(pb)
-            _bwd_fused_kernel[(N * G,)](
+            _launch(_bwd_fused_kernel, (N * G,),
                 dy, x, w, b, stats, pb, pw, dx if need_dx else _dummy(x),
                 sn, sc, ss, C, S, CG, G, float(CG * S),
                 ACT=act, HAS_W=has_w, HAS_B=has_b, NEED_DX=need_dx,
@@ -639,27 +666,33 @@ class TritonBackend:
             bc, bs, ncb, nsb, spp = p["block_c"], p["block_s"], p["ncb"], p["nsb"], p["s_per_prog"]
             pb = torch.empty((N, C, nsb), device=x.device, dtype=torch.float32)
             pw = torch.empty_like(pb)
-            _bwd_partial_kernel[(N * ncb * nsb,)](
+            _launch(_bwd_partial_kernel, (N * ncb * nsb,),
                 dy, x, w, b, stats, pb, pw, sn, sc, ss, C, S, CG, G, ncb, nsb, spp,
                 ACT=act, HAS_W=has_w, HAS_B=has_b, BLOCK_C=bc, BLOCK_S=bs, num_warps=_warps(bc * bs),
             )
+            # per-(n, c) totals over the spatial blocks (fixed order) and the group means
+            pbc = torch.empty((N, C, 1), device=x.device, dtype=torch.float32)
+            pwc = torch.empty_like(pbc)
+            coef = torch.empty((N, G, 2), device=x.device, dtype=torch.float32)
+            gbc = _rb(min(_pow2(CG), 1024))
+            gbk = _rb(min(_pow2(nsb), max(1, 4096 // gbc)))
+            _launch(_bwd_group_kernel, (N * G,),
+                pb, pw, w, pbc, pwc, coef, C, CG, G, nsb, float(CG * S),
+                HAS_W=has_w, BLOCK_C=gbc, BLOCK_K=gbk, num_warps=_warps(gbc * gbk),
+            )
+            pb, pw, nsb = pbc, pwc, 1
             if need_dx:
-                coef = torch.empty((N, G, 2), device=x.device, dtype=torch.float32)
-                kblock = min(_pow2(CG * nsb), 1024)
-                _bwd_group_kernel[(N * G,)](
-                    pb, pw, w, coef, C, CG, G, nsb, float(CG * S), HAS_W=has_w, BLOCK=kblock, num_warps=_warps(kblock),
-                )
                 ts = p["tiles_s"]
-                _bwd_dx_kernel[(N * ncb * ts,)](
+                _launch(_bwd_dx_kernel, (N * ncb * ts,),
                     dy, x, w, b, stats, coef, dx, sn, sc, ss, C, S, CG, G, ncb, ts,
                     ACT=act, HAS_W=has_w, HAS_B=has_b, BLOCK_C=bc, BLOCK_S=bs, num_warps=_warps(bc * bs),
                 )
         dweight = torch.empty(C, device=x.device, dtype=weight.dtype) if need_dw else None
         dbias = torch.empty(C, device=x.device, dtype=bias.dtype) if need_db else None
         if need_dw or need_db:
-            pbc = min(_pow2(C), 64)
-            pbk = min(_pow2(nsb), 64)
-            _bwd_param_kernel[(triton.cdiv(C, pbc),)](
+            pbc = _rb(min(_pow2(C), 64))
+            pbk = _rb(min(_pow2(nsb), 64))
+            _launch(_bwd_param_kernel, (triton.cdiv(C, pbc),),
                 pb, pw, dweight if need_dw else _dummy(x), dbias if need_db else _dummy(x), N, C, nsb,
                 HAS_DW=need_dw, HAS_DB=need_db, BLOCK_C=pbc, BLOCK_K=pbk, num_warps=_warps(pbc * pbk),
             )
@@ -667,3 +700,111 @@ class TritonBackend:
 
 
 BACKEND = TritonBackend()
+
+
+# --------------------------------------------------------------------------- ahead-of-time check
+# Representative problems of the GPU benchmark suite: (shape, G, layout, dtype, param dtype, activation).
+CHECK_CASES = (
+    ((1, 512, 256, 256), 32, "channels_last", torch.bfloat16, torch.bfloat16, "silu"),  # SD VAE, batch 1
+    ((1, 512, 256, 256), 32, "contiguous", torch.bfloat16, torch.float32, "silu"),
+    ((1, 128, 512, 512), 32, "channels_last", torch.bfloat16, torch.float32, "silu"),
+    ((2, 320, 64, 64), 32, "channels_last", torch.float16, torch.float32, "gelu"),  # SD UNet
+    ((32, 256, 56, 56), 32, "contiguous", torch.float32, torch.float32, "relu"),  # ResNet-50, batch 32
+    ((32, 256, 56, 56), 32, "channels_last", torch.float16, torch.float16, "none"),
+    ((32, 2048, 7, 7), 32, "contiguous", torch.float32, None, "none"),  # one program per group
+    ((2, 64, 16, 64, 64), 8, "channels_last", torch.float32, torch.float32, "relu"),  # 3-D, batch 2
+)
+_TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _record_case(shape, G, layout, dtype, pdtype, activation, num_sms=132):
+    """The launches (kernel, grid, args, constexprs, num_warps) of one forward + backward, on meta tensors
+    (planned for a GPU with ``num_sms`` SMs, an H100 SXM by default)."""
+    global _RECORD
+    x = torch.empty(shape, device="meta", dtype=dtype)
+    if layout != "contiguous":
+        x = torch.empty((shape[0], *shape[2:], shape[1]), device="meta", dtype=dtype).movedim(-1, 1)
+    w = None if pdtype is None else torch.empty(shape[1], device="meta", dtype=pdtype)
+    _RECORD = []
+    try:
+        with tuning(**{"num_sms": num_sms, **_OVERRIDES}):
+            y, stats = BACKEND.forward(x, w, w, G, 1e-5, activation)
+            BACKEND.backward(torch.empty_like(x), x, w, w, stats, G, activation, (True, True, True))
+        return _RECORD
+    finally:
+        _RECORD = None
+
+
+def _source(kernel, args, constexprs):
+    """Triton's own specialization of one launch: signature, constexprs (ints equal to 1 included), attrs."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    signature, consts, attrs = {}, {}, {}
+    for i, (name, a) in enumerate(zip(names, args)):
+        if isinstance(a, torch.Tensor):
+            signature[name] = "*" + _TL_DTYPE[a.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+            continue
+        kind, spec = native_specialize_impl(CUDABackend, a, False, True, True)[:2]
+        if kind == "constexpr":
+            signature[name] = "constexpr"
+            consts[name] = spec
+        else:
+            signature[name] = kind
+            if spec == "D":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    for name in names[len(args):]:
+        signature[name] = "constexpr"
+        consts[name] = constexprs[name]
+    return ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
+
+
+def compile_check(cases=CHECK_CASES, arch=90, verbose=True):
+    """Compile every kernel launch of ``cases`` ahead of time for sm_``arch`` (no GPU needed).
+
+    Needs triton's CUDA backend (ptxas ships in the wheel) and this module imported WITHOUT
+    TRITON_INTERPRET.  Returns rows (case, kernel, constexprs, num_warps, grid, registers,
+    spill bytes); raises on the first kernel that does not compile.
+    """
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+
+    if _INTERPRETED:
+        raise RuntimeError("compile_check needs the compiled kernels: unset TRITON_INTERPRET and re-import")
+    target = GPUTarget("cuda", arch, 32)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    rows, seen = [], {}
+    for case in cases:
+        for kernel, grid, args, constexprs, num_warps in _record_case(*case):
+            src = _source(kernel, args, constexprs)
+            key = (src.hash(), num_warps)
+            if key not in seen:
+                compiled = triton.compile(src, target=target, options={"num_warps": num_warps})
+                regs = spill = -1
+                if os.path.exists(cuobjdump):
+                    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                        f.write(compiled.asm["cubin"])
+                        f.flush()
+                        out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+                    fields = dict(tok.split(":", 1) for tok in out.split() if ":" in tok and tok.split(":", 1)[1].isdigit())
+                    regs = int(fields.get("REG", -1))
+                    spill = int(fields.get("LOCAL", 0)) + int(fields.get("STACK", 0))
+                seen[key] = (regs, spill)
+            regs, spill = seen[key]
+            short = {k: v for k, v in constexprs.items() if k.startswith("BLOCK") or k in ("ACT", "NEED_DX")}
+            row = (case[0], case[2], kernel.__name__, short, num_warps, grid[0], regs, spill)
+            rows.append(row)
+            if verbose:
+                print(f"{str(case[0]):22} {case[2]:13} {kernel.__name__:22} {str(short):46} warps={num_warps} grid={grid[0]:<7} regs={regs} spill={spill}")
+    return rows
+
+
+if __name__ == "__main__":  # python -m groupnorm.backends.gpu [arch]: compile-check the GPU suite's kernels
+    import sys
+
+    compile_check(arch=int(sys.argv[1]) if len(sys.argv) > 1 else 90)
