@@ -498,6 +498,14 @@ def _warps(tile: int) -> int:
     return 4 if tile <= 2048 else 8
 
 
+def _least_padding(extent: int, widths) -> int:
+    """The tile width (from ``widths``, largest first) that pads ``extent`` the least; a power
+    of two >= extent when that is smaller than every width."""
+    if _pow2(extent) <= widths[-1]:
+        return _pow2(extent)
+    return min(widths, key=lambda w: (triton.cdiv(extent, w) * w, -w))
+
+
 def _plan(N, C, S, G, channels_last, device, direction="forward"):
     """Tile sizes and pass structure for one call; deterministic in the shape."""
     CG = C // G
@@ -511,12 +519,14 @@ def _plan(N, C, S, G, channels_last, device, direction="forward"):
         fused = fused_tile <= limit and (N * G >= 2 * sms or N * C * S <= (1 << 20))
     elif fused and fused_tile > _FUSED_MAX[direction] * 4:
         fused = False  # a forced fused plan still has to fit somewhere sensible
-    # Tiles for the split passes: long along the contiguous axis.
+    # Tiles for the split passes: long along the contiguous axis (at least 128 elements, 256
+    # bytes in half precision, when the extent allows), with the width that wastes the fewest
+    # masked lanes on that axis (e.g. 56*56 = 3136 positions: 128 wide, not 1024).
     if channels_last:
-        block_c = min(_pow2(C), 128)
+        block_c = _least_padding(C, (128, 64, 32))
         block_s = min(_pow2(S), max(1, _TILE // block_c))
     else:
-        block_s = min(_pow2(S), 1024)
+        block_s = _least_padding(S, (1024, 512, 256, 128))
         block_c = min(_pow2(C), max(1, _TILE // block_s))
     block_c = int(_OVERRIDES.get("block_c", block_c))
     block_s = int(_OVERRIDES.get("block_s", block_s))
