@@ -283,6 +283,16 @@ def test_deterministic(layout, path):
     assert torch.equal(x, x0) and x.stride() == x0.stride()
 
 
+@pytest.mark.parametrize("shape", [(2, 4, 1, 1), (2, 4, 1, 3), (1, 6, 3, 1), (2, 6, 1, 2, 1)], ids=str)
+def test_size_one_dims_channels_last(shape):
+    """Channels-last tensors with size-1 dims (ambiguous strides) are addressed correctly."""
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x = make(shape, torch.float32, "contiguous", seed=14).contiguous(memory_format=fmt)
+    w, b = params(shape[1], torch.float32, "both")
+    for path in PATHS.values():
+        check_all(x, w, b, 2, "silu", run(x, w, b, 2, "silu", **path), what=f"{shape} {x.stride()}")
+
+
 def test_dy_in_other_layout():
     """dy in a layout different from x's is tolerated (the op normally matches them)."""
     x = make((2, 4, 3, 3), torch.float32, "channels_last", seed=11)

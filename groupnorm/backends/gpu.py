@@ -26,8 +26,12 @@ Passes (the plan picks one per call, see ``_plan``):
   Backward: per-(n, c, block) partial sums of g = dy * act'(z) and g * xhat -> per-group
   sums (sum_c w_c * partial) -> dx pass (4 reads + 1 write).
 
-dweight/dbias: the per-(n, c, block) partials are reduced over (n, block) in a fixed
-order by one more small kernel: no atomics, results are bitwise reproducible.
+dweight/dbias: a small per-(n, g) kernel sums each channel's block partials in a fixed
+order (and forms the group means dx needs), then one more sums the per-(n, c) totals over n
+in a fixed order: no atomics, results are bitwise reproducible.
+
+``python -m groupnorm.backends.gpu`` compiles every kernel launch of the GPU suite's shapes
+ahead of time for sm_90 (no GPU needed) and prints tiles, grids, registers and spills.
 
 Set ``TRITON_INTERPRET=1`` before this module (or triton) is imported to run the kernels
 on CPU tensors with Triton's interpreter (slow; used by the tests).
