@@ -417,6 +417,29 @@ def test_group_norm_op_autograd():
             check(got, exp.cpu(), torch.float32, f"op {layout} {act} {what}")
 
 
+def test_group_norm_op_torch_compile_fullgraph():
+    """torch.compile(fullgraph=True) over the op with backend="triton": same results as eager reference."""
+    groupnorm = pytest.importorskip("groupnorm")
+    backends.get("triton")  # loaded before tracing (importing a module inside a traced call breaks the graph)
+    x = make((2, 8, 3, 4), torch.float32, "channels_last", seed=15)
+    w, b = params(8, torch.float32, "both")
+    f = lambda x, w, b: groupnorm.group_norm(x, 4, w, b, EPS, activation="silu", backend="triton")
+    compiled = torch.compile(f, fullgraph=True)
+    out = {}
+    for name, fn in (("triton", compiled), ("reference", None)):
+        xs, ws, bs = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
+        if fn is None:
+            y = groupnorm.group_norm(xs, 4, ws, bs, EPS, activation="silu", backend="reference")
+        else:
+            y = fn(xs, ws, bs)
+            assert groupnorm.last_backend() == "triton"
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        out[name] = (y.detach(), xs.grad, ws.grad, bs.grad)
+    assert out["triton"][0].stride() == x.stride()
+    for got, exp, what in zip(out["triton"], out["reference"], ("y", "dx", "dweight", "dbias")):
+        check(got, exp, torch.float32, f"compiled {what}")
+
+
 # ----------------------------------------------------------------------------- real GPU only
 @needs_gpu
 @pytest.mark.gpu
