@@ -1,0 +1,692 @@
+"""numba backend: GroupNorm forward and backward kernels for CPU tensors.
+
+Both layouts are read in place through flat views: a contiguous tensor as (N, C, S), a
+channels-last one as (N, S, C). Two kernels per layout (forward, backward), each
+specialized only on the dtype (float32, float64; half inputs run through float32), with
+the activation as an int argument, to keep the first-call JIT compile small.
+
+Work decomposition (``prange`` over independent items, fixed-order merges, no atomics):
+
+* contiguous, enough (n, g) groups to fill the threads: one item per group, which computes
+  its statistics and then normalizes while the group is still in cache (x read from
+  memory once, y written once);
+* channels-last, enough samples: one item per sample, per-channel accumulators over S;
+* otherwise (batch-1 shapes) the reduction itself is split: items are (n, c, S-chunk) or
+  (n, S-chunk) partial sums, merged per group in a fixed order, then an elementwise pass.
+
+Statistics: shifted sums in float64, ``d = x - K`` with K the group's first element, so
+``var = E[d^2] - E[d]^2`` does not cancel when the mean is large against the spread;
+the mean is stored as ``mean_hi`` (rounded to the stats dtype) + ``mean_lo``. The
+elementwise passes compute ``(x - mean_hi) * a + b'`` in the input's dtype.
+
+Backward: per-(n, c) sums ``A = sum g``, ``B = sum g * xhat`` (g = dy * act'(z), z recomputed
+from x and stats) give dbias, dweight (reduced over n in order) and the two group means
+of the dx formula; dx = g * p_c + (x - mean_hi) * q + r. With SiLU/GELU, the first pass
+parks g in the dx buffer so the second pass does not re-evaluate exp/erf.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+ACT_CODES = {"none": 0, "relu": 1, "silu": 2, "gelu": 3}
+
+# "auto" picks the work decomposition from the shape and the thread count; tests force
+# "fused" (one item per group / sample) or "split" (reduction split into chunks).
+split_mode = "auto"
+
+_SERIAL = dict(cache=True, fastmath=False, nogil=True)
+# Reductions may be vectorized: "reassoc" lets LLVM keep several partial sums in SIMD lanes
+# (a fixed order for a given build, so results stay bitwise reproducible); nothing else
+# of fast-math (no nnan/ninf/contract) is enabled anywhere.
+_REDUCE = dict(cache=True, fastmath={"reassoc"}, nogil=True)
+_PARALLEL = dict(parallel=True, cache=True, fastmath=False, nogil=True)
+
+# coefficient rows of the per-(n, c) table ``cf``, laid out (N, K, C) so that the
+# channels-last inner loop over c reads unit-stride vectors
+_MH, _A, _B, _P, _Q, _R = 0, 1, 2, 3, 4, 5
+
+
+# ----------------------------------------------------------------------------- scalar helpers
+@njit(**_SERIAL)
+def _consts(x):
+    """0, 1, 1/2, 1/sqrt(2), 1/sqrt(2 pi) in x's dtype (literals would promote float32 to float64)."""
+    k = np.empty(5, x.dtype)
+    k[0] = 0.0
+    k[1] = 1.0
+    k[2] = 0.5
+    k[3] = 0.7071067811865476
+    k[4] = 0.3989422804014327
+    return k
+
+
+@njit(**_SERIAL)
+def _act(z, act, k):
+    if act == 1:
+        return k[0] if z < k[0] else z
+    if act == 2:
+        return z / (k[1] + np.exp(-z))
+    if act == 3:
+        return k[2] * z * (k[1] + math.erf(z * k[3]))
+    return z
+
+
+@njit(**_SERIAL)
+def _dact(z, act, k):
+    """d act(z) / dz."""
+    if act == 1:
+        return k[1] if z > k[0] else k[0]
+    if act == 2:
+        s = k[1] / (k[1] + np.exp(-z))
+        return s * (k[1] + z * (k[1] - s))
+    if act == 3:
+        return k[2] * (k[1] + math.erf(z * k[3])) + z * (np.exp(-k[2] * z * z) * k[4])
+    return k[1]
+
+
+@njit(**_SERIAL)
+def _affine(xv, mh, a, b):
+    """z = (x - mh) * a + b, kept out of the reassociating helpers so it is evaluated as written."""
+    return (xv - mh) * a + b
+
+
+@njit(**_REDUCE)
+def _shifted_sums(xs, shift):
+    """(sum d, sum d*d) over the slice xs with d = x - shift, accumulated in float64."""
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(xs.shape[0]):
+        d = np.float64(xs[i]) - shift
+        s1 += d
+        s2 += d * d
+    return s1, s2
+
+
+@njit(**_REDUCE)
+def _grad_sums_plain(dys, xs, mh64):
+    """(sum g, sum g * (x - mh)) with g = dy."""
+    s = 0.0
+    t = 0.0
+    for i in range(xs.shape[0]):
+        g = np.float64(dys[i])
+        s += g
+        t += g * (np.float64(xs[i]) - mh64)
+    return s, t
+
+
+@njit(**_SERIAL)
+def _grad_sums(dys, xs, gs, mh, a, b, act, k):
+    """(sum g, sum g * (x - mh)) over the slices, g = dy * act'(z), z = (x - mh) * a + b;
+    with SiLU/GELU, g is also parked in gs (the dx buffer) for the dx pass."""
+    mh64 = np.float64(mh)
+    if act == 0:
+        return _grad_sums_plain(dys, xs, mh64)
+    s = 0.0
+    t = 0.0
+    for i in range(xs.shape[0]):
+        xv = xs[i]
+        g = dys[i] * _dact(_affine(xv, mh, a, b), act, k)
+        if act >= 2:
+            gs[i] = g
+        g64 = np.float64(g)
+        s += g64
+        t += g64 * (np.float64(xv) - mh64)
+    return s, t
+
+
+@njit(**_SERIAL)
+def _normalize_range(xs, ys, mh, a, b, act, k):
+    """ys = act((xs - mh) * a + b)."""
+    if act == 0:
+        for i in range(xs.shape[0]):
+            ys[i] = (xs[i] - mh) * a + b
+    elif act == 1:
+        for i in range(xs.shape[0]):
+            z = (xs[i] - mh) * a + b
+            ys[i] = k[0] if z < k[0] else z
+    else:
+        for i in range(xs.shape[0]):
+            ys[i] = _act((xs[i] - mh) * a + b, act, k)
+
+
+@njit(**_SERIAL)
+def _dx_range(dys, xs, dxs, mh, a, b, p, q, r, act, k):
+    """dxs = g * p + (xs - mh) * q + r (g read back from dxs for SiLU/GELU)."""
+    if act == 0:
+        for i in range(xs.shape[0]):
+            dxs[i] = dys[i] * p + (xs[i] - mh) * q + r
+    elif act == 1:
+        for i in range(xs.shape[0]):
+            d = xs[i] - mh
+            g = dys[i] if d * a + b > k[0] else k[0]
+            dxs[i] = g * p + d * q + r
+    else:
+        for i in range(xs.shape[0]):
+            dxs[i] = dxs[i] * p + (xs[i] - mh) * q + r
+
+
+# ----------------------------------------------------------------------------- per-group bookkeeping
+@njit(**_SERIAL)
+def _finish_stats(st, i, s1, s2, M, shift, eps):
+    """Store (mean_hi, mean_lo, rstd) of group i from shifted sums; return them as float64."""
+    m = s1 / M
+    var = s2 / M - m * m
+    if var < 0.0:
+        var = 0.0
+    st[3 * i] = shift + m
+    mh = np.float64(st[3 * i])
+    st[3 * i + 1] = (shift - mh) + m
+    st[3 * i + 2] = 1.0 / math.sqrt(var + eps)
+    return mh, np.float64(st[3 * i + 1]), np.float64(st[3 * i + 2])
+
+
+@njit(**_SERIAL)
+def _affine_coefs(cf, st, n, g, C, Cg, w, b):
+    """cf[n, MH/A/B, c] for the channels of group g: z = (x - mh) * a + b'."""
+    grp = n * (C // Cg) + g
+    mh = np.float64(st[3 * grp])
+    ml = np.float64(st[3 * grp + 1])
+    rstd = np.float64(st[3 * grp + 2])
+    base = n * 6 * C
+    for c in range(g * Cg, (g + 1) * Cg):
+        a = rstd * np.float64(w[c])
+        cf[base + _MH * C + c] = mh
+        cf[base + _A * C + c] = a
+        cf[base + _B * C + c] = np.float64(b[c]) - ml * a
+
+
+@njit(**_SERIAL)
+def _dx_coefs(cf, st, A, B, n, g, C, Cg, S, w):
+    """From per-channel sums A = sum g and T = sum g (x - mh) (held in B), finish
+    B = sum g * xhat and write cf[n, P/Q/R, c] for the channels of group g."""
+    grp = n * (C // Cg) + g
+    ml = np.float64(st[3 * grp + 1])
+    rstd = np.float64(st[3 * grp + 2])
+    m1 = 0.0
+    m2 = 0.0
+    for c in range(g * Cg, (g + 1) * Cg):
+        j = n * C + c
+        B[j] = rstd * (B[j] - ml * A[j])
+        wc = np.float64(w[c])
+        m1 += wc * A[j]
+        m2 += wc * B[j]
+    M = Cg * S
+    m1 /= M
+    m2 /= M
+    q = -rstd * rstd * m2
+    r = rstd * (rstd * m2 * ml - m1)
+    base = n * 6 * C
+    for c in range(g * Cg, (g + 1) * Cg):
+        cf[base + _P * C + c] = rstd * np.float64(w[c])
+        cf[base + _Q * C + c] = q
+        cf[base + _R * C + c] = r
+
+
+# ----------------------------------------------------------------------------- contiguous (N, C, S)
+@njit(**_PARALLEL)
+def _forward_nc(x, y, w, b, st, N, C, S, G, eps, act, nch):
+    """nch == 0: one item per (n, g), statistics then normalization while the group is in
+    cache; nch >= 1: items (n, c, chunk of S), partial sums merged per group in a fixed order."""
+    k = _consts(x)
+    Cg = C // G
+    M = Cg * S
+    cf = np.empty(N * 6 * C, x.dtype)
+    items = N * G if nch == 0 else N * C * nch
+    if nch > 0:
+        part = np.empty(2 * items)
+        for it0 in prange(items):
+            it = np.int64(it0)  # prange indices are unsigned; one signature per helper
+            row = it // nch
+            ch = it - row * nch
+            n = row // C
+            g = (row - n * C) // Cg
+            r0 = row * S
+            s1, s2 = _shifted_sums(x[r0 + ch * S // nch:r0 + (ch + 1) * S // nch], np.float64(x[(n * C + g * Cg) * S]))
+            part[2 * it] = s1
+            part[2 * it + 1] = s2
+        for i in range(N * G):
+            n = i // G
+            g = i - n * G
+            s1 = 0.0
+            s2 = 0.0
+            for it in range((n * C + g * Cg) * nch, (n * C + g * Cg + Cg) * nch):
+                s1 += part[2 * it]
+                s2 += part[2 * it + 1]
+            _finish_stats(st, i, s1, s2, M, np.float64(x[(n * C + g * Cg) * S]), eps)
+            _affine_coefs(cf, st, n, g, C, Cg, w, b)
+    for it0 in prange(items):
+        it = np.int64(it0)  # prange indices are unsigned; one signature per helper
+        if nch == 0:
+            n = it // G
+            g = it - n * G
+            lo = (n * C + g * Cg) * S
+            shift = np.float64(x[lo])
+            s1, s2 = _shifted_sums(x[lo:lo + M], shift)
+            _finish_stats(st, it, s1, s2, M, shift, eps)
+            _affine_coefs(cf, st, n, g, C, Cg, w, b)
+            c0, c1, s0, s1_ = g * Cg, (g + 1) * Cg, 0, S
+        else:
+            row = it // nch
+            ch = it - row * nch
+            n = row // C
+            c0 = row - n * C
+            c1, s0, s1_ = c0 + 1, ch * S // nch, (ch + 1) * S // nch
+        base = n * 6 * C
+        for c in range(c0, c1):
+            r0 = (n * C + c) * S
+            _normalize_range(
+                x[r0 + s0:r0 + s1_], y[r0 + s0:r0 + s1_], cf[base + c], cf[base + C + c], cf[base + 2 * C + c], act, k
+            )
+
+
+@njit(**_PARALLEL)
+def _backward_nc(dy, x, dx, w, b, st, N, C, S, G, act, nch):
+    """Returns per-(n, c) sums (A = sum g, B = sum g * xhat), each (N * C,) float64.
+    Same decomposition as the forward."""
+    k = _consts(x)
+    Cg = C // G
+    cf = np.empty(N * 6 * C, x.dtype)
+    A = np.empty(N * C)
+    B = np.empty(N * C)
+    items = N * G if nch == 0 else N * C * nch
+    if nch > 0:
+        for i in range(N * G):
+            _affine_coefs(cf, st, i // G, i % G, C, Cg, w, b)
+        part = np.empty(2 * items)
+        for it0 in prange(items):
+            it = np.int64(it0)  # prange indices are unsigned; one signature per helper
+            row = it // nch
+            ch = it - row * nch
+            n = row // C
+            c = row - n * C
+            base = n * 6 * C
+            lo = row * S + ch * S // nch
+            hi = row * S + (ch + 1) * S // nch
+            s, t = _grad_sums(
+                dy[lo:hi], x[lo:hi], dx[lo:hi], cf[base + c], cf[base + C + c], cf[base + 2 * C + c], act, k
+            )
+            part[2 * it] = s
+            part[2 * it + 1] = t
+        for row in range(N * C):
+            s = 0.0
+            t = 0.0
+            for it in range(row * nch, (row + 1) * nch):
+                s += part[2 * it]
+                t += part[2 * it + 1]
+            A[row] = s
+            B[row] = t
+        for i in range(N * G):
+            _dx_coefs(cf, st, A, B, i // G, i % G, C, Cg, S, w)
+    for it0 in prange(items):
+        it = np.int64(it0)  # prange indices are unsigned; one signature per helper
+        if nch == 0:
+            n = it // G
+            g = it - n * G
+            base = n * 6 * C
+            _affine_coefs(cf, st, n, g, C, Cg, w, b)
+            for c in range(g * Cg, (g + 1) * Cg):
+                r0 = (n * C + c) * S
+                A[n * C + c], B[n * C + c] = _grad_sums(
+                    dy[r0:r0 + S], x[r0:r0 + S], dx[r0:r0 + S],
+                    cf[base + c], cf[base + C + c], cf[base + 2 * C + c], act, k,
+                )
+            _dx_coefs(cf, st, A, B, n, g, C, Cg, S, w)
+            c0, c1, s0, s1 = g * Cg, (g + 1) * Cg, 0, S
+        else:
+            row = it // nch
+            ch = it - row * nch
+            n = row // C
+            c0 = row - n * C
+            c1, s0, s1 = c0 + 1, ch * S // nch, (ch + 1) * S // nch
+        base = n * 6 * C
+        for c in range(c0, c1):
+            lo = (n * C + c) * S + s0
+            hi = (n * C + c) * S + s1
+            _dx_range(
+                dy[lo:hi], x[lo:hi], dx[lo:hi], cf[base + c], cf[base + C + c], cf[base + 2 * C + c],
+                cf[base + 3 * C + c], cf[base + 4 * C + c], cf[base + 5 * C + c], act, k,
+            )
+    return A, B
+
+
+# ----------------------------------------------------------------------------- channels-last (N, S, C)
+@njit(**_SERIAL)
+def _cl_stat_rows(x, s1, s2, shift, xo, slo, shi, C):
+    """s1[c] += sum d, s2[c] += sum d*d over rows slo..shi of the sample at x[xo:], d = x - shift[c]."""
+    for s in range(slo, shi):
+        xr = x[xo + s * C:xo + (s + 1) * C]
+        for c in range(C):
+            d = np.float64(xr[c]) - shift[c]
+            s1[c] += d
+            s2[c] += d * d
+
+
+@njit(**_SERIAL)
+def _cl_normalize_rows(x, y, mh, a, b, xo, slo, shi, C, act, k):
+    for s in range(slo, shi):
+        xr = x[xo + s * C:xo + (s + 1) * C]
+        yr = y[xo + s * C:xo + (s + 1) * C]
+        if act == 0:
+            for c in range(C):
+                yr[c] = (xr[c] - mh[c]) * a[c] + b[c]
+        elif act == 1:
+            for c in range(C):
+                z = (xr[c] - mh[c]) * a[c] + b[c]
+                yr[c] = k[0] if z < k[0] else z
+        else:
+            for c in range(C):
+                yr[c] = _act((xr[c] - mh[c]) * a[c] + b[c], act, k)
+
+
+@njit(**_SERIAL)
+def _cl_grad_rows(dy, x, dx, sg, sgd, mh, a, b, xo, slo, shi, C, act, k):
+    """sg[c] += sum g, sgd[c] += sum g * (x - mh[c]); g parked in dx for SiLU/GELU."""
+    for s in range(slo, shi):
+        xr = x[xo + s * C:xo + (s + 1) * C]
+        dyr = dy[xo + s * C:xo + (s + 1) * C]
+        if act == 0:
+            for c in range(C):
+                g = np.float64(dyr[c])
+                sg[c] += g
+                sgd[c] += g * (np.float64(xr[c]) - np.float64(mh[c]))
+        else:
+            dxr = dx[xo + s * C:xo + (s + 1) * C]
+            for c in range(C):
+                xv = xr[c]
+                gv = dyr[c] * _dact(_affine(xv, mh[c], a[c], b[c]), act, k)
+                if act >= 2:
+                    dxr[c] = gv
+                g = np.float64(gv)
+                sg[c] += g
+                sgd[c] += g * (np.float64(xv) - np.float64(mh[c]))
+
+
+@njit(**_SERIAL)
+def _cl_dx_rows(dy, x, dx, mh, a, b, p, q, r, xo, slo, shi, C, act, k):
+    for s in range(slo, shi):
+        xr = x[xo + s * C:xo + (s + 1) * C]
+        dyr = dy[xo + s * C:xo + (s + 1) * C]
+        dxr = dx[xo + s * C:xo + (s + 1) * C]
+        if act == 0:
+            for c in range(C):
+                dxr[c] = dyr[c] * p[c] + (xr[c] - mh[c]) * q[c] + r[c]
+        elif act == 1:
+            for c in range(C):
+                d = xr[c] - mh[c]
+                g = dyr[c] if d * a[c] + b[c] > k[0] else k[0]
+                dxr[c] = g * p[c] + d * q[c] + r[c]
+        else:
+            for c in range(C):
+                dxr[c] = dxr[c] * p[c] + (xr[c] - mh[c]) * q[c] + r[c]
+
+
+@njit(**_SERIAL)
+def _cl_shifts(x, xo, C, Cg):
+    """Per-channel shift: the first element (s = 0) of the channel's group."""
+    shift = np.empty(C)
+    for c in range(C):
+        shift[c] = np.float64(x[xo + (c // Cg) * Cg])
+    return shift
+
+
+@njit(**_PARALLEL)
+def _forward_cl(x, y, w, b, st, N, C, S, G, eps, act, nch):
+    """nch == 0: one item per sample; nch >= 1: items (n, chunk of S), split reduction."""
+    k = _consts(x)
+    Cg = C // G
+    M = Cg * S
+    cf = np.empty(N * 6 * C, x.dtype)
+    items = N if nch == 0 else N * nch
+    if nch > 0:
+        part = np.zeros(items * 2 * C)
+        for it0 in prange(items):
+            it = np.int64(it0)  # prange indices are unsigned; one signature per helper
+            n = it // nch
+            ch = it - n * nch
+            po = it * 2 * C
+            _cl_stat_rows(
+                x, part[po:po + C], part[po + C:po + 2 * C], _cl_shifts(x, n * S * C, C, Cg),
+                n * S * C, ch * S // nch, (ch + 1) * S // nch, C,
+            )
+        for n in range(N):
+            for g in range(G):
+                t1 = 0.0
+                t2 = 0.0
+                for ch in range(nch):
+                    po = (n * nch + ch) * 2 * C
+                    for c in range(g * Cg, (g + 1) * Cg):
+                        t1 += part[po + c]
+                        t2 += part[po + C + c]
+                _finish_stats(st, n * G + g, t1, t2, M, np.float64(x[n * S * C + g * Cg]), eps)
+                _affine_coefs(cf, st, n, g, C, Cg, w, b)
+    for it0 in prange(items):
+        it = np.int64(it0)  # prange indices are unsigned; one signature per helper
+        if nch == 0:
+            n = it
+            s0, s1_ = 0, S
+            shift = _cl_shifts(x, n * S * C, C, Cg)
+            acc1 = np.zeros(C)
+            acc2 = np.zeros(C)
+            _cl_stat_rows(x, acc1, acc2, shift, n * S * C, s0, s1_, C)
+            for g in range(G):
+                t1 = 0.0
+                t2 = 0.0
+                for c in range(g * Cg, (g + 1) * Cg):
+                    t1 += acc1[c]
+                    t2 += acc2[c]
+                _finish_stats(st, n * G + g, t1, t2, M, shift[g * Cg], eps)
+                _affine_coefs(cf, st, n, g, C, Cg, w, b)
+        else:
+            n = it // nch
+            ch = it - n * nch
+            s0, s1_ = ch * S // nch, (ch + 1) * S // nch
+        base = n * 6 * C
+        _cl_normalize_rows(
+            x, y, cf[base:base + C], cf[base + C:base + 2 * C], cf[base + 2 * C:base + 3 * C],
+            n * S * C, s0, s1_, C, act, k,
+        )
+
+
+@njit(**_PARALLEL)
+def _backward_cl(dy, x, dx, w, b, st, N, C, S, G, act, nch):
+    """Returns per-(n, c) sums (A = sum g, B = sum g * xhat), each (N * C,) float64."""
+    k = _consts(x)
+    Cg = C // G
+    cf = np.empty(N * 6 * C, x.dtype)
+    A = np.zeros(N * C)
+    B = np.zeros(N * C)
+    for i in range(N * G):
+        _affine_coefs(cf, st, i // G, i % G, C, Cg, w, b)
+    items = N if nch == 0 else N * nch
+    if nch > 0:
+        part = np.zeros(items * 2 * C)
+        for it0 in prange(items):
+            it = np.int64(it0)  # prange indices are unsigned; one signature per helper
+            n = it // nch
+            ch = it - n * nch
+            base = n * 6 * C
+            po = it * 2 * C
+            _cl_grad_rows(
+                dy, x, dx, part[po:po + C], part[po + C:po + 2 * C],
+                cf[base:base + C], cf[base + C:base + 2 * C], cf[base + 2 * C:base + 3 * C],
+                n * S * C, ch * S // nch, (ch + 1) * S // nch, C, act, k,
+            )
+        for n in range(N):
+            for ch in range(nch):
+                po = (n * nch + ch) * 2 * C
+                for c in range(C):
+                    A[n * C + c] += part[po + c]
+                    B[n * C + c] += part[po + C + c]
+            for g in range(G):
+                _dx_coefs(cf, st, A, B, n, g, C, Cg, S, w)
+    for it0 in prange(items):
+        it = np.int64(it0)  # prange indices are unsigned; one signature per helper
+        if nch == 0:
+            n = it
+            s0, s1 = 0, S
+            base = n * 6 * C
+            _cl_grad_rows(
+                dy, x, dx, A[n * C:(n + 1) * C], B[n * C:(n + 1) * C],
+                cf[base:base + C], cf[base + C:base + 2 * C], cf[base + 2 * C:base + 3 * C],
+                n * S * C, s0, s1, C, act, k,
+            )
+            for g in range(G):
+                _dx_coefs(cf, st, A, B, n, g, C, Cg, S, w)
+        else:
+            n = it // nch
+            ch = it - n * nch
+            s0, s1 = ch * S // nch, (ch + 1) * S // nch
+        base = n * 6 * C
+        _cl_dx_rows(
+            dy, x, dx, cf[base:base + C], cf[base + C:base + 2 * C], cf[base + 2 * C:base + 3 * C],
+            cf[base + 3 * C:base + 4 * C], cf[base + 4 * C:base + 5 * C], cf[base + 5 * C:base + 6 * C],
+            n * S * C, s0, s1, C, act, k,
+        )
+    return A, B
+
+
+# ----------------------------------------------------------------------------- the backend object
+_KERNEL_DTYPES = {torch.float32: torch.float32, torch.float64: torch.float64,
+                  torch.float16: torch.float32, torch.bfloat16: torch.float32}
+_MIN_PARALLEL_ELEMS = 1 << 16  # below this, splitting the reduction costs more than it saves
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    if x.is_contiguous():
+        return False
+    if x.movedim(1, -1).is_contiguous():
+        return True
+    raise ValueError(
+        f"the numba backend needs a contiguous or channels-last dense input, got strides {x.stride()} "
+        f"for shape {tuple(x.shape)}; call .contiguous() first"
+    )
+
+
+def _flat(t: torch.Tensor, channels_last: bool) -> np.ndarray:
+    """The tensor's storage as a 1-D numpy array, no copy: (N, C, S) or (N, S, C) order."""
+    v = t.detach()
+    if channels_last:
+        v = v.movedim(1, -1)
+    return v.reshape(-1).numpy()
+
+
+_FILL_CACHE: dict = {}
+
+
+def _param(p, C: int, fill: float, dtype: torch.dtype) -> np.ndarray:
+    """weight/bias as a numpy array in the kernel dtype (a cached constant vector when None)."""
+    if p is None:
+        key = (C, fill, dtype)
+        arr = _FILL_CACHE.get(key)
+        if arr is None:
+            arr = np.full(C, fill, dtype=np.float64 if dtype == torch.float64 else np.float32)
+            arr.flags.writeable = False
+            _FILL_CACHE[key] = arr
+        return arr
+    if p.dtype != dtype or not p.is_contiguous():
+        p = p.to(dtype).contiguous()
+    return p.detach().numpy()
+
+
+def _plan(N: int, C: int, S: int, G: int, channels_last: bool) -> tuple[int, int]:
+    """(threads, chunks): chunks is 0 for one item per group (contiguous) / per sample
+    (channels-last), else the number of chunks each S extent is split into. Small tensors
+    run on one thread: waking a team costs more than they take (and on a busy machine a
+    descheduled worker stalls the whole call)."""
+    T = numba.get_num_threads()
+    if N * C * S < _MIN_PARALLEL_ELEMS:
+        T = 1
+    if split_mode == "fused":
+        return T, 0
+    if split_mode == "split":
+        return T, max(1, min(3, S))
+    units = N if channels_last else N * G
+    if units % T == 0 or units >= 8 * T:
+        return T, 0
+    if channels_last:
+        return T, max(1, min(-(-8 * T // N), S // 64))
+    return T, max(1, min(-(-8 * T // (N * C)), S // 4096))
+
+
+def _run(kernel, threads: int, *args):
+    """Call a parallel kernel with ``threads`` numba threads (restoring the caller's setting)."""
+    if threads == 1:
+        prev = numba.get_num_threads()
+        if prev != 1:
+            numba.set_num_threads(1)
+            try:
+                return kernel(*args)
+            finally:
+                numba.set_num_threads(prev)
+    return kernel(*args)
+
+
+class NumbaBackend:
+    """numba CPU kernels; float16/bfloat16 inputs are computed in float32."""
+
+    name = "numba"
+
+    def available(self):
+        return None
+
+    def supports(self, x, activation):
+        return x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and activation in ACT_CODES
+
+    def forward(self, x, weight, bias, num_groups, eps, activation):
+        kdt = _KERNEL_DTYPES[x.dtype]
+        xk = x.detach().to(kdt)
+        N, C = x.shape[:2]
+        S = x.numel() // (N * C) if N * C else 0
+        G = num_groups
+        stats = torch.empty(N, G, 3, dtype=kdt)
+        y = torch.empty_like(xk)
+        if xk.numel() == 0:
+            return y.to(x.dtype), stats.zero_()
+        cl = _is_channels_last(xk)
+        kernel = _forward_cl if cl else _forward_nc
+        threads, nch = _plan(N, C, S, G, cl)
+        _run(
+            kernel, threads, _flat(xk, cl), _flat(y, cl), _param(weight, C, 1.0, kdt), _param(bias, C, 0.0, kdt),
+            stats.view(-1).numpy(), N, C, S, G, float(eps), ACT_CODES[activation], nch,
+        )
+        return (y if kdt == x.dtype else y.to(x.dtype)), stats
+
+    def backward(self, dy, x, weight, bias, stats, num_groups, activation, output_mask):
+        kdt = _KERNEL_DTYPES[x.dtype]
+        xk = x.detach().to(kdt)
+        N, C = x.shape[:2]
+        S = x.numel() // (N * C) if N * C else 0
+        G = num_groups
+        dx = torch.empty_like(xk)
+        if xk.numel() == 0:
+            return dx.to(x.dtype), None, None
+        cl = _is_channels_last(xk)
+        dyk = dy.detach().to(kdt)
+        if dyk.stride() != xk.stride():
+            dyk = torch.empty_like(xk).copy_(dyk)
+        st = stats.detach().to(kdt).contiguous()
+        kernel = _backward_cl if cl else _backward_nc
+        threads, nch = _plan(N, C, S, G, cl)
+        A, B = _run(
+            kernel, threads, _flat(dyk, cl), _flat(xk, cl), _flat(dx, cl), _param(weight, C, 1.0, kdt),
+            _param(bias, C, 0.0, kdt), st.view(-1).numpy(), N, C, S, G, ACT_CODES[activation], nch,
+        )
+        need_dx, need_dw, need_db = output_mask
+        dw = db = None
+        if need_dw and weight is not None:
+            dw = torch.from_numpy(B.reshape(N, C).sum(axis=0)).to(weight.dtype)
+        if need_db and bias is not None:
+            db = torch.from_numpy(A.reshape(N, C).sum(axis=0)).to(bias.dtype)
+        if need_dx:
+            dx = dx if kdt == x.dtype else dx.to(x.dtype)
+        else:
+            dx = None
+        return dx, dw, db
+
+
+BACKEND = NumbaBackend()
