@@ -16,6 +16,7 @@ and scans the module types statically.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -211,8 +212,9 @@ def convert_batchnorm(
 
     Args:
         module: the model (any ``nn.Module``).
-        num_groups: requested groups per layer (the paper's 32). Ignored when ``group_size`` is given.
-        group_size: request channels per group instead (e.g. 16); pass it alone.
+        num_groups: requested groups per layer (the paper's 32).
+        group_size: request channels per group instead (e.g. 16); the default ``num_groups`` then
+            steps aside, while an explicit ``num_groups`` other than 32 with it is an error.
         policy: how each layer's G is chosen when C does not fit the request (see
             ``groupnorm.groups``): "divisor" (default) takes the largest divisor of C not above
             the request, "gcd" gcd(C, request) as Opacus' fixer does, "strict" raises.
@@ -269,7 +271,7 @@ def convert_batchnorm(
             plan[id(m)] = (name, m, lambda m=m, C=C, e=layer_eps: _build_groupnorm(m, C, request, e), row)
         elif weight_standardization and type(m) in _STD_CONVS:
             row = Replacement(name, type(m).__name__, _STD_CONVS[type(m)].__name__, m.out_channels, None,
-                              1e-6, m.bias is not None)
+                              float("nan"), m.bias is not None)  # eps filled in once built
             plan[id(m)] = (name, m, lambda m=m: _build_stdconv(m), row)
 
     # Apply: one new module per old one (a module shared in two places stays shared).
@@ -280,8 +282,8 @@ def convert_batchnorm(
         key = id(m)
         if key in plan and key not in built:
             name, old, build, row = plan[key]
-            built[key] = build()
-            summary.append(row)
+            built[key] = new = build()
+            summary.append(row if row.num_groups is not None else dataclasses.replace(row, eps=new.eps))
         return built.get(key, m)
 
     def walk(parent: nn.Module, seen: set) -> None:
@@ -478,6 +480,7 @@ class _Hooks:
         self.handles = []
         self.mode = "record"
         self.keep_inputs: set[str] = set()
+        self.tol = (0.0, 0.0)
         self.reset()
         for m, n in self.names.items():
             self.handles.append(m.register_forward_pre_hook(self._pre(n), with_kwargs=True))

@@ -148,6 +148,17 @@ def test_affine_free_frozen_eval_dtype_and_sharing_are_kept():
     torch.testing.assert_close(f(x), F.group_norm(x, 32, f.weight, f.bias, f.eps))
 
 
+def test_an_optimizer_built_before_the_conversion_keeps_working():
+    torch.manual_seed(0)
+    model = small_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model = convert_batchnorm(model)
+    before = model[1].weight.detach().clone()
+    model(torch.randn(2, 3, 8, 8)).square().sum().backward()
+    opt.step()
+    assert not torch.equal(model[1].weight, before)
+
+
 def test_norm_act_subclass_keeps_its_activation():
     """timm's BatchNormAct2d: a lone ReLU/SiLU is fused, anything else is kept as a child."""
     model = nn.Sequential(BatchNormAct2d(64), BatchNormAct2d(64, act_layer=nn.SiLU),
@@ -245,6 +256,7 @@ def test_weight_standardization_swaps_convs_and_keeps_their_weights():
     convs = {n: m for n, m in both.named_modules() if type(m) in (nn.Conv1d, nn.Conv3d)}
     both, summary = convert_batchnorm(both, weight_standardization=True, return_summary=True)
     assert len(summary.convs()) == len(convs) == 4 and len(summary.norms()) == 4
+    assert all(r.eps == 1e-6 and r.num_groups is None for r in summary.convs())
     modules = dict(both.named_modules())
     for n, old in convs.items():
         new = modules[n]
