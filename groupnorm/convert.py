@@ -363,8 +363,8 @@ class BatchIndependenceReport:
 
     mode: str
     batch_size: int
-    atol: float
-    rtol: float
+    atol: float | None  # None: per dtype, see DEFAULT_TOLERANCES
+    rtol: float | None
     rows: list[ModuleCheck] = field(default_factory=list)
     coupled_layers: list[tuple[str, str, bool, str]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -391,8 +391,10 @@ class BatchIndependenceReport:
         raise KeyError(name)
 
     def __str__(self) -> str:
+        atol, rtol = DEFAULT_TOLERANCES[torch.float32] if self.atol is None else (self.atol, self.rtol)
+        per_dtype = " for float32, per dtype" if self.atol is None else ""
         head = (f"batch independence ({self.mode} mode, batch of {self.batch_size}, "
-                f"tolerance |diff| <= {self.atol:g} + {self.rtol:g}*|ref|): ")
+                f"tolerance max|diff| <= {atol:g} + {rtol:g}*max|ref|{per_dtype}): ")
         lines = [head + ("OK: no sample's output depends on the others" if self.ok else "FAILED")]
         lines += [f"  error: {e}" for e in self.errors]
         offenders = [r for r in self.rows if r.offender]
@@ -449,7 +451,16 @@ def _map(obj: Any, fn: Callable[[Tensor], Any]) -> Any:
     return obj
 
 
-def _deviation(out: Tensor, ref: Tensor, atol: float, rtol: float) -> tuple[float, bool]:
+# (atol, rtol) per dtype when none are given: batch and single-sample kernels sum in different orders.
+DEFAULT_TOLERANCES = {
+    torch.float64: (1e-10, 1e-7),
+    torch.float32: (1e-5, 1e-3),
+    torch.bfloat16: (1e-3, 5e-2),
+    torch.float16: (1e-4, 1e-2),
+}
+
+
+def _deviation(out: Tensor, ref: Tensor, atol: float | None, rtol: float | None) -> tuple[float, bool]:
     """(max |out - ref|, whether it is within atol + rtol * max |ref|).
 
     The tolerance scales with the whole tensor, not each element: batched and single-sample
@@ -467,6 +478,9 @@ def _deviation(out: Tensor, ref: Tensor, atol: float, rtol: float) -> tuple[floa
     diff = diff.nan_to_num(nan=0.0, posinf=float("inf"))
     dev = float(diff.max())
     scale = float(ref.abs().nan_to_num(nan=0.0).max())
+    if atol is None or rtol is None:
+        default = DEFAULT_TOLERANCES.get(ref.dtype, DEFAULT_TOLERANCES[torch.float32])
+        atol, rtol = default[0] if atol is None else atol, default[1] if rtol is None else rtol
     return dev, bool(nan_ok.all()) and dev <= atol + rtol * scale
 
 
@@ -542,8 +556,8 @@ def check_batch_independence(
     example_batch,
     *,
     train: bool = True,
-    atol: float = 1e-5,
-    rtol: float = 1e-3,
+    atol: float | None = None,
+    rtol: float | None = None,
     seed: int = 0,
 ) -> BatchIndependenceReport:
     """Does any sample's output depend on the other samples of its batch?
@@ -553,9 +567,10 @@ def check_batch_independence(
     positional arguments, batched along dim 0, at least 2 distinct samples), on each sample
     alone, and on the batch rolled by one. Forward hooks compare every module's outputs (the
     tensors whose dim 0 is the batch) across the runs; a deviation counts when
-    ``max|out - ref| > atol + rtol * max|ref|`` (float32 kernels sum in a different order for one
-    sample than for a batch). Each module whose outputs moved is then re-run on its own recorded
-    batch inputs, whole and one sample at a time, to tell the layers that couple samples themselves
+    ``max|out - ref| > atol + rtol * max|ref|`` (kernels sum in a different order for one sample
+    than for a batch; by default atol, rtol = 1e-5, 1e-3 for float32 outputs, looser for half
+    precision, see ``DEFAULT_TOLERANCES``). Each module whose outputs moved is then re-run on its
+    own recorded batch inputs, whole and one sample at a time, to tell the layers that couple samples themselves
     (``offender``) from those that merely sit downstream of one. A static scan names the
     batch-coupled layer types (:func:`batch_coupled_layers`).
 
