@@ -153,15 +153,17 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """A ResNet: stem, stages of residual blocks, global average pool, linear classifier.
 
-    ``small_stem`` (3x3 conv, stride 1) suits 28-32 px images; otherwise the ImageNet stem
-    (7x7 stride 2 + max pool) is used.
+    ``small_stem`` (3x3 conv, stride ``stem_stride``) suits 28-32 px images; otherwise the
+    ImageNet stem (7x7 stride 2 + max pool) is used.
     """
 
-    def __init__(self, block, blocks_per_stage, widths, in_channels, num_classes, norm, conv, small_stem=True):
+    def __init__(self, block, blocks_per_stage, widths, in_channels, num_classes, norm, conv, small_stem=True,
+                 stem_stride=1):
         super().__init__()
         stem_width = widths[0] if block is BasicBlock else 64
         if small_stem:
-            self.stem = nn.Sequential(conv(in_channels, stem_width, 3, 1, 1, bias=False), norm(stem_width), nn.ReLU())
+            self.stem = nn.Sequential(conv(in_channels, stem_width, 3, stem_stride, 1, bias=False), norm(stem_width),
+                                      nn.ReLU())
         else:
             self.stem = nn.Sequential(
                 conv(in_channels, stem_width, 7, 2, 3, bias=False), norm(stem_width), nn.ReLU(),
@@ -208,20 +210,23 @@ def build_model(
     distributed: bool = False,
     width: int = 32,
     blocks: int = 1,
+    stem_stride: int = 1,
     groups: int = 32,
     min_group_channels: int = 8,
 ) -> ResNet:
     """Build model ``name`` with norm ``norm_name``.
 
     ``resnet-small``: 3 stages of ``blocks`` basic blocks, widths ``width, 2*width, 4*width``
-    (a CIFAR-style ResNet-(6*blocks+2)); ``resnet18`` / ``resnet50``: the ImageNet layouts
+    (a CIFAR-style ResNet-(6*blocks+2)), after a 3x3 stem of stride ``stem_stride`` (2 halves the
+    resolution, and the cost, from the start); ``resnet18`` / ``resnet50``: the ImageNet layouts
     (the 3x3 stem is kept for images of 32 px or less).
     """
     norm = make_norm(norm_name, workers=workers, distributed=distributed, groups=groups,
                      min_group_channels=min_group_channels)
     conv = make_conv(norm_name)
     if name == "resnet-small":
-        return ResNet(BasicBlock, [blocks] * 3, [width, 2 * width, 4 * width], in_channels, num_classes, norm, conv)
+        return ResNet(BasicBlock, [blocks] * 3, [width, 2 * width, 4 * width], in_channels, num_classes, norm, conv,
+                      stem_stride=stem_stride)
     small = image_size <= 32
     if name == "resnet18":
         return ResNet(BasicBlock, [2, 2, 2, 2], [64, 128, 256, 512], in_channels, num_classes, norm, conv, small)

@@ -190,8 +190,21 @@ def execute_run(recipe: Recipe, run: Run, out: Path, report=None, d: Dist | None
     return summary
 
 
-def _job(recipe: Recipe, run: Run, out: str, queue, threads: int) -> dict:
+def set_threads(threads: int) -> None:
+    """Give this process ``threads`` intra-op threads, for torch and for numba's parallel kernels
+    (left at their defaults, both pools claim every core and parallel jobs oversubscribe the CPU)."""
+    os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))  # sizes numba's pool if not yet started
     torch.set_num_threads(threads)
+    try:
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:  # pragma: no cover - numba is a dependency, but the study does not need it
+        pass
+
+
+def _job(recipe: Recipe, run: Run, out: str, queue, threads: int) -> dict:
+    set_threads(threads)
     return execute_run(recipe, run, Path(out), report=queue.put)
 
 
@@ -247,7 +260,7 @@ class Study:
         bars = _Bars(self, todo, jobs, enabled=progress and d.is_main)
         try:
             if d.distributed or jobs <= 1 or len(todo) <= 1:
-                torch.set_num_threads(max(1, cpu_count() // (d.world if d.distributed else 1)))
+                set_threads(max(1, cpu_count() // (d.world if d.distributed else 1)))
                 for run in todo:
                     bars.start(run.name)
                     execute_run(self.recipe, run, self.out, report=bars.update, d=d)
@@ -259,6 +272,7 @@ class Study:
 
     def _run_parallel(self, todo: list[Run], jobs: int, bars: "_Bars") -> None:
         threads = max(1, cpu_count() // jobs)
+        os.environ["NUMBA_NUM_THREADS"] = str(threads)  # inherited by the spawned workers
         ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
         with mp.Manager() as manager:
             queue = manager.Queue()

@@ -43,6 +43,7 @@ class Recipe:
     model: str = "resnet-small"
     width: int = 32
     blocks: int = 1
+    stem_stride: int = 1
     groups: int = 32
     min_group_channels: int = 8
     workers: int = 8
@@ -278,6 +279,7 @@ def train_run(recipe: Recipe, run: Run, ds: DataSet, checkpoint: str | None = No
     c, h, w = ds.shape
     model = build_model(recipe.model, run.norm, in_channels=c, num_classes=ds.num_classes, image_size=h,
                         workers=W, distributed=d.distributed, width=recipe.width, blocks=recipe.blocks,
+                        stem_stride=recipe.stem_stride,
                         groups=recipe.groups, min_group_channels=recipe.min_group_channels).to(dev)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay)

@@ -1,0 +1,93 @@
+"""Study models: per-worker BN, norm injection, initialization, data order."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import groupnorm
+from groupnorm.study.models import NORMS, WorkerBatchNorm2d, build_model, norm_layers
+from groupnorm.study.train import epoch_order
+
+
+def test_worker_bn_equals_bn_on_each_chunk():
+    torch.manual_seed(0)
+    W, n, C = 4, 3, 5
+    x = torch.randn(W * n, C, 6, 6) * 3 + 1
+    wbn = WorkerBatchNorm2d(C, workers=W)
+    with torch.no_grad():
+        wbn.weight.uniform_(0.5, 2)
+        wbn.bias.uniform_(-1, 1)
+    refs = [nn.BatchNorm2d(C) for _ in range(W)]
+    for r in refs:
+        r.load_state_dict(wbn.state_dict())
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = wbn(x1)
+    y_ref = torch.cat([r(c) for r, c in zip(refs, x2.chunk(W))])
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    # running statistics: the average of what each worker's own BN would hold
+    torch.testing.assert_close(wbn.running_mean, torch.stack([r.running_mean for r in refs]).mean(0))
+    torch.testing.assert_close(wbn.running_var, torch.stack([r.running_var for r in refs]).mean(0))
+    # eval: the running statistics, exactly like BatchNorm2d
+    wbn.eval()
+    refs[0].eval()
+    refs[0].running_mean.copy_(wbn.running_mean)
+    refs[0].running_var.copy_(wbn.running_var)
+    torch.testing.assert_close(wbn(x), refs[0](x))
+
+
+def test_worker_bn_needs_whole_workers():
+    with pytest.raises(ValueError, match="does not split into 4 workers"):
+        WorkerBatchNorm2d(3, workers=4)(torch.randn(6, 3, 4, 4))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_small_resnet_builds_for_every_norm(norm):
+    torch.manual_seed(0)
+    model = build_model("resnet-small", norm, in_channels=1, num_classes=10, image_size=28, workers=2, width=16)
+    x = torch.randn(4, 1, 28, 28)
+    model(x).sum().backward()
+    norms = [m for _, m in norm_layers(model)]
+    if norm in ("gn", "ln", "in", "gn+ws"):
+        assert all(type(m) is groupnorm.GroupNorm for m in norms)  # our op, never torch's
+        groups = {(m.num_channels, m.num_groups) for m in norms}
+        expect = {"gn": {(16, 2), (32, 4), (64, 8)}, "gn+ws": {(16, 2), (32, 4), (64, 8)},
+                  "ln": {(16, 1), (32, 1), (64, 1)}, "in": {(16, 16), (32, 32), (64, 64)}}[norm]
+        assert groups == expect
+    elif norm == "bn":
+        assert all(isinstance(m, WorkerBatchNorm2d) and m.workers == 2 for m in norms)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(isinstance(c, groupnorm.StdConv2d) == (norm == "gn+ws") for c in convs)
+    # the last norm of every residual block starts at gamma = 0; the others at 1
+    last = {id(b.last_norm) for b in model.modules() if hasattr(b, "last_norm")}
+    for m in norms:
+        assert torch.all(m.weight == (0.0 if id(m) in last else 1.0))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_large_resnets_build(name):
+    model = build_model(name, "gn", in_channels=3, num_classes=7, image_size=64)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7)
+    assert any(m.num_channels == 2048 for _, m in norm_layers(model)) == (name == "resnet50")
+
+
+def test_unknown_names():
+    with pytest.raises(ValueError, match="unknown norm 'xx'"):
+        build_model("resnet-small", "xx", in_channels=1, num_classes=2, image_size=28)
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("vgg", "gn", in_channels=1, num_classes=2, image_size=28)
+
+
+def test_epoch_order():
+    y = torch.arange(200) % 10
+    iid = epoch_order(y, seed=1, epoch=0, workers=4, batch=8, sampling="iid")
+    assert iid.shape == (6, 32) and len(set(iid.flatten().tolist())) == 192
+    assert torch.equal(iid, epoch_order(y, 1, 0, 4, 8, "iid"))
+    assert not torch.equal(iid, epoch_order(y, 1, 1, 4, 8, "iid"))
+    cls = epoch_order(y, seed=1, epoch=0, workers=4, batch=5, sampling="class")
+    chunks = y[cls].view(len(cls), 4, 5)
+    assert torch.all(chunks == chunks[..., :1])  # each worker's batch is one class
+    assert len(set(chunks[..., 0].flatten().tolist())) > 1
