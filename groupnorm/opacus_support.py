@@ -41,7 +41,7 @@ def per_sample_grads(layer: GroupNorm, activations: list[Tensor], backprops: Ten
         with torch.enable_grad():
             shape = (1, C) + (1,) * (x.dim() - 2)
             pre = (xhat * layer.weight.detach().view(shape) + layer.bias.detach().view(shape)).requires_grad_()
-            out = _ACTIVATIONS[layer.activation](pre) if layer.activation else pre
+            out = _ACTIVATIONS[layer.activation](pre) if layer.activation else pre.clone()  # children may be in-place
             for child in children:
                 out = child(out)
             (dpre,) = torch.autograd.grad(out, pre, backprops)

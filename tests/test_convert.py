@@ -388,7 +388,8 @@ def test_opacus_per_sample_grads_equal_single_sample_grads(layer):
 
     torch.manual_seed(0)
     if layer == "norm_act":
-        layer = convert_batchnorm(BatchNormAct2d(8, act_layer=lambda inplace: nn.LeakyReLU(0.1)), 4)
+        layer = convert_batchnorm(BatchNormAct2d(8, act_layer=lambda inplace: nn.LeakyReLU(0.1, inplace)), 4)
+        assert layer.act.inplace
         assert type(layer) is GroupNormAct
     with torch.no_grad():
         layer.weight.normal_()
