@@ -56,11 +56,13 @@ CASES = [
     ((2, 4), 2, ("contiguous",)),
 ]
 SHAPE_LAYOUTS = [(shape, G, layout) for shape, G, layouts in CASES for layout in layouts]
-# The two plans: one program per group, and the split reduction forced with awkward tiles
-# (blocks that do not divide C or the spatial size, several spatial blocks per channel).
+# The three plans: one program per group with the group in one register tile, one program
+# per group sweeping it in tiles, and the split reduction; the last two forced with awkward
+# tiles (blocks that do not divide C/G, C or the spatial size, several spatial blocks).
 PATHS = {
-    "fused": dict(fused=True),
-    "split": dict(fused=False, block_c=2, block_s=4, split=3, reduce_block=2),
+    "tile": dict(path="tile"),
+    "group": dict(path="group", block_c=2, block_s=4),
+    "split": dict(path="split", block_c=2, block_s=4, split=3, reduce_block=2),
 }
 
 
@@ -177,9 +179,19 @@ def test_no_float_atomics_in_kernels():
     assert "atomic_" not in src, "dweight/dbias must be reduced in a fixed order, without atomics"
 
 
-@pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape,G,layout", SHAPE_LAYOUTS, ids=lambda v: str(v))
+def _matrix():
+    """Every (shape, layout) x every path in float32; the half dtypes x every (shape, layout)
+    with the path rotating, so that each path still sees each half dtype."""
+    out = []
+    for i, (shape, G, layout) in enumerate(SHAPE_LAYOUTS):
+        for path in PATHS:
+            out.append((shape, G, layout, torch.float32, path))
+        for j, dtype in enumerate((torch.float16, torch.bfloat16)):
+            out.append((shape, G, layout, dtype, list(PATHS)[(i + j) % len(PATHS)]))
+    return out
+
+
+@pytest.mark.parametrize("shape,G,layout,dtype,path", _matrix(), ids=str)
 def test_layouts_dtypes(shape, G, layout, dtype, path):
     x = make(shape, dtype, layout)
     act = ACTS[(len(shape) + G + len(layout)) % 4]  # spread the activations over the matrix
@@ -187,21 +199,23 @@ def test_layouts_dtypes(shape, G, layout, dtype, path):
     check_all(x, w, b, G, act, run(x, w, b, G, act, **PATHS[path]), what=f"{shape} {layout} {dtype} {act} {path}")
 
 
-@pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("affine", ["both", "none", "weight", "bias"])
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize(
+    "act,affine,path",
+    [(a, f, list(PATHS)[(i + j) % len(PATHS)]) for i, a in enumerate(ACTS) for j, f in enumerate(["both", "none", "weight", "bias"])],
+)
 def test_activations_affine(act, affine, path):
-    layout = "channels_last" if path == "fused" else "contiguous"
+    """Each activation with each affine variant; the path rotates so each activation meets each path."""
+    layout = "channels_last" if path != "split" else "contiguous"
     x = make((2, 6, 3, 4), torch.float32, layout, seed=3)
     w, b = params(6, torch.float32, affine)
     check_all(x, w, b, 3, act, run(x, w, b, 3, act, **PATHS[path]), what=f"{act} {affine} {path}")
 
 
 @pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_mixed_precision_params(dtype, layout, path):
+def test_mixed_precision_params(dtype, path):
     """Half input with float32 weight/bias: y/dx in the half dtype, dweight/dbias in float32."""
+    layout = "channels_last" if (path == "split") == (dtype == torch.float16) else "contiguous"
     x = make((2, 8, 3, 5), dtype, layout, seed=4)
     w, b = params(8, torch.float32, "both")
     out = run(x, w, b, 2, "silu", **PATHS[path])
@@ -224,12 +238,12 @@ def test_split_reduction(shape, G, layout, tune):
     """The batch-1 path: statistics and gradient sums split over the spatial extent, then merged."""
     N, C, *spatial = shape
     S = int(np.prod(spatial))
-    with gpu.tuning(fused=False, **tune):
+    with gpu.tuning(path="split", **tune):
         plan = gpu._plan(N, C, S, G, layout != "contiguous", torch.device(DEVICE))
-    assert not plan["fused"] and plan["nsb"] > 1, plan
+    assert plan["path"] == "split" and plan["nsb"] > 1, plan
     x = make(shape, torch.float32, layout, seed=5)
     w, b = params(C, torch.float32, "both")
-    check_all(x, w, b, G, "gelu", run(x, w, b, G, "gelu", fused=False, **tune), what=f"{shape} {layout} {tune}")
+    check_all(x, w, b, G, "gelu", run(x, w, b, G, "gelu", path="split", **tune), what=f"{shape} {layout} {tune}")
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -298,7 +312,7 @@ def test_dy_in_other_layout():
     x = make((2, 4, 3, 3), torch.float32, "channels_last", seed=11)
     w, b = params(4, torch.float32, "both")
     dy = make((2, 4, 3, 3), torch.float32, "contiguous", seed=12)
-    out = run(x, w, b, 2, "none", dy=dy, fused=False)
+    out = run(x, w, b, 2, "none", dy=dy, path="split")
     check_all(x, w, b, 2, "none", out, what="mixed layouts")
 
 
@@ -312,51 +326,57 @@ def test_dy_in_other_layout():
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
     act=st.sampled_from(ACTS),
     affine=st.sampled_from(["both", "none", "weight", "bias"]),
-    fused=st.booleans(),
+    path=st.sampled_from(["tile", "group", "split"]),
     block_c=st.sampled_from([1, 2, 4, 8]),
     block_s=st.sampled_from([1, 2, 4, 8]),
     split=st.integers(1, 4),
     reduce_block=st.sampled_from([1, 2, 1024]),
     seed=st.integers(0, 2**16),
 )
-def test_random_shapes(N, G, CG, spatial, channels_last, dtype, act, affine, fused, block_c, block_s, split, reduce_block, seed):
+def test_random_shapes(N, G, CG, spatial, channels_last, dtype, act, affine, path, block_c, block_s, split, reduce_block, seed):
     shape = (N, G * CG, *spatial)
     layout = "contiguous" if not (channels_last and spatial) else "nlc"
     x = make(shape, dtype, layout, mean=float(seed % 7) - 3.0, seed=seed)
     w, b = params(G * CG, dtype, affine, seed=seed + 1)
-    tune = dict(fused=fused) if fused else dict(fused=False, block_c=block_c, block_s=block_s, split=split, reduce_block=reduce_block)
+    tune = dict(path=path)
+    if path != "tile":
+        tune.update(block_c=block_c, block_s=block_s, split=split, reduce_block=reduce_block)
     check_all(x, w, b, G, act, run(x, w, b, G, act, **tune), what=f"{shape} {layout} {dtype} {act} {affine} {tune}")
 
 
 # ----------------------------------------------------------------------------- the plan heuristics
-def test_plan_splits_batch1_diffusion_shapes():
-    """(1, 512, 256, 256), G=32 on a 132-SM GPU: N x G = 32 groups cannot fill it, so the reduction splits."""
+def test_plan_paths_for_gpu_suite_shapes():
+    """Plans for a 132-SM GPU (H100 SXM): which path each benchmark shape takes, and its tiles."""
+    cpu = torch.device("cpu")
     with gpu.tuning(num_sms=132):
+        # (1, 512, 256, 256), G=32: N x G = 32 groups cannot fill the GPU -> split reduction
         for cl in (False, True):
-            p = gpu._plan(1, 512, 256 * 256, 32, cl, torch.device("cpu"))
-            assert not p["fused"]
+            p = gpu._plan(1, 512, 256 * 256, 32, cl, cpu)
+            assert p["path"] == "split"
             programs = 1 * p["ncb"] * p["nsb"]
             assert p["nsb"] > 1 and programs >= 4 * 132, p
             assert p["s_per_prog"] * p["nsb"] >= 256 * 256 and p["s_per_prog"] % p["block_s"] == 0
             assert p["block_c"] * p["block_s"] <= 4096
             # the tile is long along the contiguous axis
             assert (p["block_c"] >= 64) if cl else (p["block_s"] >= 1024)
-        # ResNet-50 at batch 32, late stage: enough groups, small groups -> one program per group
-        p = gpu._plan(32, 2048, 49, 32, False, torch.device("cpu"))
-        assert p["fused"]
-        # early stage: a group is too big for one tile; the split keeps a few waves of programs,
-        # and the 3136 positions get 128-wide tiles (2% padding) rather than 1024-wide (23%)
+        # ResNet-50 at batch 32, late stage: small groups -> the whole group in registers
+        assert gpu._plan(32, 2048, 49, 32, False, cpu)["path"] == "tile"
+        # early stage: 8 x 3136 elements per group, 1024 groups -> one program per group, two
+        # sweeps; 3136 positions get 128-wide tiles (2% padding) rather than 1024-wide (23%)
         for cl in (False, True):
-            p = gpu._plan(32, 256, 56 * 56, 32, cl, torch.device("cpu"))
-            assert not p["fused"] and 32 * p["ncb"] * p["nsb"] >= 4 * 132, p
-        assert gpu._plan(32, 256, 56 * 56, 32, False, torch.device("cpu"))["block_s"] == 128
-        # channels-last C = 320 (SD UNet): 64-channel tiles divide it, 128 would waste 1/6
-        assert gpu._plan(2, 320, 64 * 64, 32, True, torch.device("cpu"))["block_c"] == 64
+            p = gpu._plan(32, 256, 56 * 56, 32, cl, cpu)
+            assert p["path"] == "group" and p["block_c"] * p["block_s"] <= 4096, p
+        assert gpu._plan(32, 256, 56 * 56, 32, False, cpu)["block_s"] == 128
+        # ResNet at batch 2: 64 groups do not fill the GPU -> split
+        assert gpu._plan(2, 256, 56 * 56, 32, False, cpu)["path"] == "split"
+        # channels-last C = 320 (SD UNet), split: 64-channel tiles divide it, 128 would waste 1/6
+        p = gpu._plan(2, 320, 64 * 64, 32, True, cpu)
+        assert p["path"] == "split" and p["block_c"] == 64
 
 
 def test_plan_overrides_restore():
     before = dict(gpu._OVERRIDES)
-    with gpu.tuning(split=2, fused=False):
+    with gpu.tuning(split=2, path="split"):
         assert gpu._OVERRIDES["split"] == 2
     assert gpu._OVERRIDES == before
     with pytest.raises(ValueError):
@@ -368,7 +388,7 @@ def test_plan_overrides_restore():
 _AOT_SCRIPT = """
 import torch
 from groupnorm.backends import gpu
-cases = [gpu.CHECK_CASES[0], gpu.CHECK_CASES[3], gpu.CHECK_CASES[6],
+cases = [gpu.CHECK_CASES[0], gpu.CHECK_CASES[3], gpu.CHECK_CASES[5], gpu.CHECK_CASES[6],
          ((3, 64), 64, "contiguous", torch.float16, torch.float32, "relu"),   # C/G = 1, S = 1: ints specialized to 1
          ((1, 32, 4096), 32, "contiguous", torch.bfloat16, None, "gelu")]      # C/G = 1, split reduction
 rows = gpu.compile_check(cases, arch=90, verbose=False)

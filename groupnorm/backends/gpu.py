@@ -14,17 +14,21 @@ formula, so there is no sum/sum-of-squares cancellation; per-(n, channel, spatia
 partials (mean of d, M2) are merged per group in a fixed order by a second small kernel:
 mean_lo = mean(d), rstd = 1/sqrt(M2/M + eps).  xhat is always ``((x - hi) - lo) * rstd``.
 
-Passes (the plan picks one per call, see ``_plan``):
+Paths (the plan picks one per call, see ``_plan``):
 
-* fused ("one-pass"), when a whole group fits in one register tile: one program per
-  (n, g) loads the group once, computes its statistics and writes y (forward: 1 read of x
-  + 1 write of y); in the backward it loads x and dy once, writes dx and the per-(n, c)
-  partial sums of g and g*xhat (2 reads + 1 write).
-* split, for any size: the spatial extent is cut into blocks so that N x G x blocks
-  programs fill the GPU even at batch 1.  Forward: partial statistics per
+* "tile", when a whole group fits in one register tile: one program per (n, g) loads the
+  group once, computes its statistics and writes y (forward: 1 read of x + 1 write of y);
+  the backward loads x and dy once, writes dx and per-(n, c) partial sums (2 reads + 1 write).
+* "group", for larger groups when N x G programs fill the GPU (e.g. ResNet at batch 32):
+  one program per (n, g) sweeps its group twice (statistics, then normalize; or gradient
+  sums, then dx); the second sweep re-reads what the program just read, from L2.
+* "split", for any size: the spatial extent is cut into blocks so that N x C-blocks x
+  S-blocks programs fill the GPU even at batch 1.  Forward: partial statistics per
   (n, c, block) -> per-group merge -> normalize/affine/activation pass (2 reads + 1 write).
   Backward: per-(n, c, block) partial sums of g = dy * act'(z) and g * xhat -> per-group
-  sums (sum_c w_c * partial) -> dx pass (4 reads + 1 write).
+  sums (sum_c w_c * partial) -> dx pass (4 reads + 1 write).  The second passes walk their
+  tiles in reverse launch order so that their first reads find the data the first pass
+  read last still in L2.
 
 dweight/dbias: a small per-(n, g) kernel sums each channel's block partials in a fixed
 order (and forms the group means dx needs), then one more sums the per-(n, c) totals over n
@@ -142,6 +146,127 @@ def _fwd_fused_kernel(
     tl.store(STATS + pid * 3, shift)
     tl.store(STATS + pid * 3 + 1, mean_lo)
     tl.store(STATS + pid * 3 + 2, rstd)
+
+
+@triton.jit
+def _fwd_group_loop_kernel(
+    X, Y, W, B, STATS,
+    stride_n, stride_c, stride_s, C, S, CG, G, M, eps,
+    ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """One program per (n, g) for groups larger than a register tile: statistics over the
+    group's tiles (Chan-merged), then a second sweep that normalizes.  The second sweep
+    re-reads what this program has just read, so it is served by L2, not HBM."""
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid % G
+    base = n.to(tl.int64) * stride_n
+    shift = tl.load(X + base + (g * CG).to(tl.int64) * stride_c).to(tl.float32)
+    mean = tl.sum(tl.zeros([BLOCK_C], tl.float32), axis=0)
+    m2 = mean
+    cnt = mean
+    for c0 in range(0, CG, BLOCK_C):
+        ci = c0 + tl.arange(0, BLOCK_C)
+        cmask = ci < CG
+        coff = (g * CG + ci).to(tl.int64) * stride_c
+        nc = tl.minimum(CG - c0, BLOCK_C)
+        for s0 in range(0, S, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = cmask[:, None] & (s < S)[None, :]
+            x = tl.load(X + base + coff[:, None] + s.to(tl.int64)[None, :] * stride_s, mask=mask, other=0.0)
+            d = tl.where(mask, x.to(tl.float32) - shift, 0.0)
+            nb = (nc * tl.minimum(S - s0, BLOCK_S)).to(tl.float32)
+            bmean = tl.sum(tl.sum(d, axis=1), axis=0) / nb
+            dev = tl.where(mask, d - bmean, 0.0)
+            bm2 = tl.sum(tl.sum(dev * dev, axis=1), axis=0)
+            tot = cnt + nb
+            delta = bmean - mean
+            mean = mean + delta * (nb / tot)
+            m2 = m2 + bm2 + delta * delta * (cnt * nb / tot)
+            cnt = tot
+    rstd = 1.0 / tl.sqrt(m2 / M + eps)
+    tl.store(STATS + pid * 3, shift)
+    tl.store(STATS + pid * 3 + 1, mean)
+    tl.store(STATS + pid * 3 + 2, rstd)
+    for c0 in range(0, CG, BLOCK_C):
+        ci = c0 + tl.arange(0, BLOCK_C)
+        cmask = ci < CG
+        c = g * CG + ci
+        coff = c.to(tl.int64) * stride_c
+        w, b = _channel_params(W, B, c, cmask, HAS_W, HAS_B)
+        a = rstd * w
+        for s0 in range(0, S, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = cmask[:, None] & (s < S)[None, :]
+            offs = base + coff[:, None] + s.to(tl.int64)[None, :] * stride_s
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            z = ((x - shift) - mean) * a[:, None] + b[:, None]
+            tl.store(Y + offs, _act(z, ACT).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_group_loop_kernel(
+    DY, X, W, B, STATS, PB, PW, DX,
+    stride_n, stride_c, stride_s, C, S, CG, G, M,
+    ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, NEED_DX: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """One program per (n, g), group larger than a register tile: per-(n, c) sums of g and
+    g*xhat in a first sweep, dx in a second sweep (its re-reads are served by L2)."""
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid % G
+    base = n.to(tl.int64) * stride_n
+    hi = tl.load(STATS + pid * 3)
+    lo = tl.load(STATS + pid * 3 + 1)
+    rstd = tl.load(STATS + pid * 3 + 2)
+    acc1 = tl.zeros([BLOCK_C], tl.float32)
+    acc2 = tl.zeros([BLOCK_C], tl.float32)
+    for c0 in range(0, CG, BLOCK_C):
+        ci = c0 + tl.arange(0, BLOCK_C)
+        cmask = ci < CG
+        c = g * CG + ci
+        coff = c.to(tl.int64) * stride_c
+        w, b = _channel_params(W, B, c, cmask, HAS_W, HAS_B)
+        acc_b = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+        acc_w = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+        for s0 in range(0, S, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = cmask[:, None] & (s < S)[None, :]
+            offs = base + coff[:, None] + s.to(tl.int64)[None, :] * stride_s
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+            xhat = ((x - hi) - lo) * rstd
+            gz = tl.where(mask, dy * _act_grad(xhat * w[:, None] + b[:, None], ACT), 0.0)
+            acc_b += gz
+            acc_w += gz * xhat
+        pb = tl.sum(acc_b, axis=1)
+        pw = tl.sum(acc_w, axis=1)
+        out = n.to(tl.int64) * C + c
+        tl.store(PB + out, pb, mask=cmask)
+        tl.store(PW + out, pw, mask=cmask)
+        acc1 += pb * w
+        acc2 += pw * w
+    if NEED_DX:
+        c1 = tl.sum(acc1, axis=0) / M
+        c2 = tl.sum(acc2, axis=0) / M
+        for c0 in range(0, CG, BLOCK_C):
+            ci = c0 + tl.arange(0, BLOCK_C)
+            cmask = ci < CG
+            c = g * CG + ci
+            coff = c.to(tl.int64) * stride_c
+            w, b = _channel_params(W, B, c, cmask, HAS_W, HAS_B)
+            for s0 in range(0, S, BLOCK_S):
+                s = s0 + tl.arange(0, BLOCK_S)
+                mask = cmask[:, None] & (s < S)[None, :]
+                offs = base + coff[:, None] + s.to(tl.int64)[None, :] * stride_s
+                x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+                xhat = ((x - hi) - lo) * rstd
+                gz = dy * _act_grad(xhat * w[:, None] + b[:, None], ACT)
+                dx = rstd * (gz * w[:, None] - c1 - xhat * c2)
+                tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -435,20 +560,23 @@ def _bwd_param_kernel(
 
 # --------------------------------------------------------------------------- host side
 
-# Overrides for tests and experiments (see ``tuning``): fused (bool), block_c, block_s,
+# Overrides for tests and experiments (see ``tuning``): path ("tile", "group", "split"), block_c, block_s,
 # split (spatial blocks per (n, channel block) in the reduction passes), num_sms,
 # reduce_block (caps the vector widths of the small merge/reduce kernels, to test their loops).
 _OVERRIDES: dict = {}
 # Elements of the one register tile that holds a whole group in the one-program-per-group
 # path: the backward keeps x, dy and their products live, so its limit is lower.
 _FUSED_MAX = {"forward": 8192, "backward": 4096}
+# Largest group (elements) for the looped one-program-per-group path: at 2-4 programs per SM
+# the groups in flight stay well inside an H100's 50 MB L2, so the second sweep hits L2.
+_GROUP_LOOP_MAX = 1 << 16
 _TILE = 4096  # elements of one tile in the split passes
 
 
 @contextlib.contextmanager
 def tuning(**overrides):
-    """Force plan choices: ``with tuning(fused=False, block_c=2, block_s=4, split=3): ...``."""
-    unknown = set(overrides) - {"fused", "block_c", "block_s", "split", "num_sms", "reduce_block"}
+    """Force plan choices: ``with tuning(path="split", block_c=2, block_s=4, split=3): ...``."""
+    unknown = set(overrides) - {"path", "block_c", "block_s", "split", "num_sms", "reduce_block"}
     if unknown:
         raise ValueError(f"unknown tuning keys {sorted(unknown)}")
     saved = dict(_OVERRIDES)
@@ -511,27 +639,40 @@ def _least_padding(extent: int, widths) -> int:
 
 
 def _plan(N, C, S, G, channels_last, device, direction="forward"):
-    """Tile sizes and pass structure for one call; deterministic in the shape."""
+    """Pass structure and tile sizes for one call; a pure function of the shape (and SM count).
+
+    path "tile":  one program per (n, g), the whole group in one register tile (1 read).
+    path "group": one program per (n, g) sweeping the group twice; the second sweep hits L2.
+                  Needs N*G programs to fill the GPU and groups small enough for L2.
+    path "split": the reduction split over (n, channel block, spatial block) programs, with
+                  partial statistics merged by a second kernel: any shape, batch 1 included.
+    """
     CG = C // G
-    fused_tile = _pow2(CG) * _pow2(S)
     sms = _num_sms(device)
-    fused = _OVERRIDES.get("fused")
-    if fused is None:
-        # One program per group: only when a group fits a register tile, and either there
-        # are enough groups to fill the GPU or the whole tensor is small (launch-bound).
-        limit = _FUSED_MAX[direction]
-        fused = fused_tile <= limit and (N * G >= 2 * sms or N * C * S <= (1 << 20))
-    elif fused and fused_tile > _FUSED_MAX[direction] * 4:
-        fused = False  # a forced fused plan still has to fit somewhere sensible
-    # Tiles for the split passes: long along the contiguous axis (at least 128 elements, 256
+    tile_elems = _pow2(CG) * _pow2(S)
+    path = _OVERRIDES.get("path")
+    if path is None:
+        many = N * G >= 2 * sms
+        if tile_elems <= _FUSED_MAX[direction] and (many or N * C * S <= (1 << 20)):
+            path = "tile"
+        elif many and CG * S <= _GROUP_LOOP_MAX:
+            path = "group"
+        else:
+            path = "split"
+    elif path == "tile" and tile_elems > _FUSED_MAX[direction] * 4:
+        path = "group"  # a forced one-tile plan still has to fit in registers
+    if path not in ("tile", "group", "split"):
+        raise ValueError(f"unknown path {path!r}")
+    # Tiles for the looped passes: long along the contiguous axis (at least 128 elements, 256
     # bytes in half precision, when the extent allows), with the width that wastes the fewest
     # masked lanes on that axis (e.g. 56*56 = 3136 positions: 128 wide, not 1024).
+    width_c = C if path == "split" else CG  # the channel extent one tile walks over
     if channels_last:
-        block_c = _least_padding(C, (128, 64, 32))
+        block_c = _least_padding(width_c, (128, 64, 32))
         block_s = min(_pow2(S), max(1, _TILE // block_c))
     else:
         block_s = _least_padding(S, (1024, 512, 256, 128))
-        block_c = min(_pow2(C), max(1, _TILE // block_s))
+        block_c = min(_pow2(width_c), max(1, _TILE // block_s))
     block_c = int(_OVERRIDES.get("block_c", block_c))
     block_s = int(_OVERRIDES.get("block_s", block_s))
     ncb = triton.cdiv(C, block_c)
@@ -545,11 +686,11 @@ def _plan(N, C, S, G, channels_last, device, direction="forward"):
         nsb = 1 if have >= want else min(triton.cdiv(want, have), max(1, triton.cdiv(S, 4 * block_s)))
     s_per_prog = triton.cdiv(triton.cdiv(S, nsb), block_s) * block_s
     nsb = triton.cdiv(S, s_per_prog)
+    if path == "tile":
+        block_c, block_s = _pow2(CG), _pow2(S)
     return {
         "CG": CG,
-        "fused": bool(fused),
-        "fused_bc": _pow2(CG),
-        "fused_bs": _pow2(S),
+        "path": path,
         "block_c": block_c,
         "block_s": block_s,
         "ncb": ncb,
@@ -619,9 +760,10 @@ class TritonBackend:
         w = weight if weight is not None else _dummy(x)
         b = bias if bias is not None else _dummy(x)
         has_w, has_b = weight is not None, bias is not None
-        if p["fused"]:
-            bc, bs = p["fused_bc"], p["fused_bs"]
-            _launch(_fwd_fused_kernel, (N * G,),
+        if p["path"] in ("tile", "group"):
+            bc, bs = p["block_c"], p["block_s"]
+            kernel = _fwd_fused_kernel if p["path"] == "tile" else _fwd_group_loop_kernel
+            _launch(kernel, (N * G,),
                 x, y, w, b, stats, sn, sc, ss, C, S, CG, G, float(CG * S), float(eps),
                 ACT=act, HAS_W=has_w, HAS_B=has_b, BLOCK_C=bc, BLOCK_S=bs, num_warps=_warps(bc * bs),
             )
@@ -665,12 +807,13 @@ class TritonBackend:
         dx = torch.empty_like(x) if need_dx else None
         if not (need_dx or need_dw or need_db):
             return None, None, None
-        if p["fused"]:
-            bc, bs = p["fused_bc"], p["fused_bs"]
+        if p["path"] in ("tile", "group"):
+            bc, bs = p["block_c"], p["block_s"]
             nsb = 1
             pb = torch.empty((N, C, 1), device=x.device, dtype=torch.float32)
             pw = torch.empty_like(pb)
-            _launch(_bwd_fused_kernel, (N * G,),
+            kernel = _bwd_fused_kernel if p["path"] == "tile" else _bwd_group_loop_kernel
+            _launch(kernel, (N * G,),
                 dy, x, w, b, stats, pb, pw, dx if need_dx else _dummy(x),
                 sn, sc, ss, C, S, CG, G, float(CG * S),
                 ACT=act, HAS_W=has_w, HAS_B=has_b, NEED_DX=need_dx,
@@ -719,13 +862,13 @@ BACKEND = TritonBackend()
 # --------------------------------------------------------------------------- ahead-of-time check
 # Representative problems of the GPU benchmark suite: (shape, G, layout, dtype, param dtype, activation).
 CHECK_CASES = (
-    ((1, 512, 256, 256), 32, "channels_last", torch.bfloat16, torch.bfloat16, "silu"),  # SD VAE, batch 1
+    ((1, 512, 256, 256), 32, "channels_last", torch.bfloat16, torch.bfloat16, "silu"),  # SD VAE, batch 1 (split)
     ((1, 512, 256, 256), 32, "contiguous", torch.bfloat16, torch.float32, "silu"),
     ((1, 128, 512, 512), 32, "channels_last", torch.bfloat16, torch.float32, "silu"),
     ((2, 320, 64, 64), 32, "channels_last", torch.float16, torch.float32, "gelu"),  # SD UNet
-    ((32, 256, 56, 56), 32, "contiguous", torch.float32, torch.float32, "relu"),  # ResNet-50, batch 32
+    ((32, 256, 56, 56), 32, "contiguous", torch.float32, torch.float32, "relu"),  # ResNet-50, batch 32 (group)
     ((32, 256, 56, 56), 32, "channels_last", torch.float16, torch.float16, "none"),
-    ((32, 2048, 7, 7), 32, "contiguous", torch.float32, None, "none"),  # one program per group
+    ((32, 2048, 7, 7), 32, "contiguous", torch.float32, None, "none"),  # tile
     ((2, 64, 16, 64, 64), 8, "channels_last", torch.float32, torch.float32, "relu"),  # 3-D, batch 2
 )
 _TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
