@@ -109,6 +109,7 @@ def test_root_batchnorm_is_replaced_and_returned():
     bn = nn.BatchNorm2d(64)
     out = convert_batchnorm(bn)
     assert type(out) is GroupNorm and out.weight is bn.weight
+    assert convert_batchnorm(nn.BatchNorm2d(64, eps=1e-3), eps=1e-6).eps == 1e-6  # one eps for all, if asked
 
 
 def test_sync_and_lazy_batchnorm():
