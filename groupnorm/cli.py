@@ -25,7 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:  # keep the other subcommands usable, and say why this one is not
+            p = sub.add_parser(name, help=f"{help_text} [unavailable: {exc}]")
+            p.set_defaults(_module=None, _error=f"`groupnorm {name}` is unavailable: {exc}")
+            continue
         p = sub.add_parser(
             name,
             help=help_text,
@@ -43,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args._module is None:
+        print(args._error, file=sys.stderr)
+        return 1
     return int(args._module.main(args) or 0)
 
 
