@@ -40,12 +40,12 @@ ACT_CODES = {"none": 0, "relu": 1, "silu": 2, "gelu": 3}
 # "fused" (one item per group / sample) or "split" (reduction split into chunks).
 split_mode = "auto"
 
-_SERIAL = dict(cache=True, fastmath=False, nogil=True)
+_SERIAL = dict(cache=True, fastmath=False, nogil=True, error_model="numpy")
 # Reductions may be vectorized: "reassoc" lets LLVM keep several partial sums in SIMD lanes
 # (a fixed order for a given build, so results stay bitwise reproducible); nothing else
 # of fast-math (no nnan/ninf/contract) is enabled anywhere.
-_REDUCE = dict(cache=True, fastmath={"reassoc"}, nogil=True)
-_PARALLEL = dict(parallel=True, cache=True, fastmath=False, nogil=True)
+_REDUCE = dict(cache=True, fastmath={"reassoc"}, nogil=True, error_model="numpy")
+_PARALLEL = dict(parallel=True, cache=True, fastmath=False, nogil=True, error_model="numpy")
 
 # coefficient rows of the per-(n, c) table ``cf``, laid out (N, K, C) so that the
 # channels-last inner loop over c reads unit-stride vectors
@@ -584,8 +584,8 @@ def _param(p, C: int, fill: float, dtype: torch.dtype) -> np.ndarray:
         key = (C, fill, dtype)
         arr = _FILL_CACHE.get(key)
         if arr is None:
+            # left writeable: a read-only array would be a new numba type (another compile)
             arr = np.full(C, fill, dtype=np.float64 if dtype == torch.float64 else np.float32)
-            arr.flags.writeable = False
             _FILL_CACHE[key] = arr
         return arr
     if p.dtype != dtype or not p.is_contiguous():

@@ -1,0 +1,231 @@
+"""The numba CPU backend against the NumPy oracle (groupnorm.backends.reference).
+
+Forward output, statistics and all three gradients over a sweep of shapes (G = 1, G = C,
+odd sizes, (N, C) to 3-D), both layouts, every activation, float32/float64, with and
+without weight/bias, in both work decompositions (one item per group/sample, and the
+reduction split into chunks); the large-mean case; bitwise-repeatable results.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+from groupnorm.backends import cpu  # noqa: E402
+from groupnorm.backends import reference as ref  # noqa: E402
+
+BACKEND = cpu.BACKEND
+ACTS = ("none", "relu", "silu", "gelu")
+TOL = {torch.float32: (2e-5, 2e-5), torch.float64: (1e-11, 1e-11)}
+
+# (shape, G): G = 1 (LayerNorm-like), G = C (InstanceNorm-like), odd sizes, (N, C), 1-D, 2-D, 3-D
+SHAPES = [
+    ((2, 6, 5, 7), 3),
+    ((3, 4, 9), 1),
+    ((2, 8, 3, 4, 5), 8),
+    ((5, 6), 2),
+    ((1, 12, 11, 13), 4),
+    ((4, 3, 1, 1), 3),
+]
+
+
+@pytest.fixture(params=["fused", "split"])
+def mode(request, monkeypatch):
+    monkeypatch.setattr(cpu, "split_mode", request.param)
+    return request.param
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x stored as (N, *spatial, C), viewed as (N, C, *spatial) (any rank)."""
+    return x.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+def make(shape, dtype, layout, seed=0, mean=0.5, std=2.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * std + mean
+    x = x.to(dtype)
+    if layout == "channels_last":
+        x = channels_last(x)
+        assert x.movedim(1, -1).is_contiguous()
+    C = shape[1]
+    w = (torch.randn(C, generator=g, dtype=torch.float64) * 0.5 + 1).to(dtype)
+    b = (torch.randn(C, generator=g, dtype=torch.float64) * 0.5).to(dtype)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    if layout == "channels_last":
+        dy = channels_last(dy)
+    return x, w, b, dy
+
+
+def np64(t):
+    return None if t is None else t.detach().double().numpy()
+
+
+def assert_close(actual, expected, dtype, what, scale=1.0):
+    """Elementwise within rtol, plus atol relative to the largest magnitude involved."""
+    rtol, atol = TOL[dtype]
+    scale = max(scale, 1.0, float(np.abs(expected).max()) if np.size(expected) else 1.0)
+    np.testing.assert_allclose(np64(actual), expected, rtol=rtol, atol=atol * scale, err_msg=what)
+
+
+def check_against_reference(x, w, b, dy, G, act, eps=1e-5):
+    dtype = x.dtype
+    y, stats = BACKEND.forward(x, w, b, G, eps, act)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert y.stride() == torch.empty_like(x).stride(), "y must keep x's layout"
+    assert stats.shape == (x.shape[0], G, 3)
+    assert stats.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+    y_ref, mean_ref, rstd_ref = ref.forward(np64(x), np64(w), np64(b), G, eps, act)
+    assert_close(y, y_ref, dtype, f"forward {act}")
+    st = stats.double().numpy()
+    np.testing.assert_allclose(st[..., 0] + st[..., 1], mean_ref, rtol=TOL[dtype][0], atol=TOL[dtype][1])
+    np.testing.assert_allclose(st[..., 2], rstd_ref, rtol=10 * TOL[dtype][0])
+
+    dx, dw, db = BACKEND.backward(dy, x, w, b, stats, G, act, [True, True, True])
+    dx_ref, dw_ref, db_ref = ref.backward(np64(dy), np64(x), np64(w), np64(b), G, eps, act)
+    assert dx.dtype == dtype and dx.stride() == x.stride(), "dx must keep x's dtype and layout"
+    # dx = rstd * (g w - mean(g w) - xhat mean(g w xhat)): its rounding error scales with rstd * |g w|
+    dx_scale = float(rstd_ref.max()) * float(np.abs(np64(dy)).max()) * (1.0 if w is None else float(np.abs(np64(w)).max()))
+    assert_close(dx, dx_ref, dtype, f"dx {act}", scale=dx_scale)
+    if w is None:
+        assert dw is None
+    else:
+        assert dw.dtype == w.dtype
+        assert_close(dw, dw_ref, dtype, f"dweight {act}")
+    if b is None:
+        assert db is None
+    else:
+        assert db.dtype == b.dtype
+        assert_close(db, db_ref, dtype, f"dbias {act}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape,G", SHAPES, ids=[f"{'x'.join(map(str, s))}-G{g}" for s, g in SHAPES])
+def test_matches_reference(shape, G, layout, dtype, mode):
+    for i, act in enumerate(ACTS):
+        x, w, b, dy = make(shape, dtype, layout, seed=i)
+        check_against_reference(x, w, b, dy, G, act)
+
+
+@pytest.mark.parametrize("affine", ["weight_only", "bias_only", "none"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_without_weight_or_bias(affine, layout, mode):
+    for act in ACTS:
+        x, w, b, dy = make((2, 8, 6, 5), torch.float64, layout)
+        w = w if affine == "weight_only" else None
+        b = b if affine == "bias_only" else None
+        check_against_reference(x, w, b, dy, 4, act)
+
+
+def test_output_mask_and_eps():
+    x, w, b, dy = make((2, 8, 5, 5), torch.float64, "contiguous")
+    _, stats = BACKEND.forward(x, w, b, 2, 0.25, "silu")
+    _, mean, rstd = ref.forward(np64(x), np64(w), np64(b), 2, 0.25, "silu")
+    np.testing.assert_allclose(stats[..., 2].numpy(), rstd, rtol=1e-12)
+    dx, dw, db = BACKEND.backward(dy, x, w, b, stats, 2, "silu", [True, False, False])
+    assert dw is None and db is None and dx is not None
+
+
+def test_backward_accepts_reference_stats():
+    """Statistics are a cross-backend contract: the reference's (mean_hi, mean_lo, rstd) work here."""
+    x, w, b, dy = make((2, 6, 4, 4), torch.float32, "channels_last", mean=300.0)
+    _, stats = ref.BACKEND.forward(x, w, b, 3, 1e-5, "gelu")
+    dx, dw, db = BACKEND.backward(dy, x, w, b, stats, 3, "gelu", [True, True, True])
+    dx_r, dw_r, db_r = ref.BACKEND.backward(dy, x, w, b, stats, 3, "gelu", [True, True, True])
+    for a, e, name in ((dx, dx_r, "dx"), (dw, dw_r, "dw"), (db, db_r, "db")):
+        np.testing.assert_allclose(a.numpy(), e.numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_run_through_float32(dtype):
+    x, _, _, dy = make((2, 8, 6, 6), dtype, "channels_last")
+    w = torch.linspace(0.5, 1.5, 8)  # float32 parameters with half input (mixed precision)
+    b = torch.linspace(-0.5, 0.5, 8)
+    y, stats = BACKEND.forward(x, w, b, 4, 1e-5, "silu")
+    assert y.dtype == dtype and y.stride() == x.stride() and stats.dtype == torch.float32
+    y_ref, _, _ = ref.forward(np64(x), np64(w), np64(b), 4, 1e-5, "silu")
+    np.testing.assert_allclose(np64(y), y_ref, rtol=2e-2, atol=2e-2)
+    dx, dw, db = BACKEND.backward(dy, x, w, b, stats, 4, "silu", [True, True, True])
+    dx_ref, dw_ref, db_ref = ref.backward(np64(dy), np64(x), np64(w), np64(b), 4, 1e-5, "silu")
+    assert dx.dtype == dtype and dw.dtype == torch.float32 and db.dtype == torch.float32
+    np.testing.assert_allclose(np64(dx), dx_ref, rtol=3e-2, atol=3e-2)
+    np.testing.assert_allclose(np64(dw), dw_ref, rtol=1e-2, atol=1e-2 * np.abs(dw_ref).max())
+    np.testing.assert_allclose(np64(db), db_ref, rtol=1e-2, atol=1e-2 * np.abs(db_ref).max())
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_mean_float32(layout, mode):
+    """mean 1e4, std 1e-2: the normalized output within 1e-3 of float64's (ATen's CPU GN is ~8e-2 off)."""
+    g = torch.Generator().manual_seed(7)
+    x64 = torch.randn(2, 64, 16, 16, generator=g, dtype=torch.float64) * 1e-2 + 1e4
+    x = x64.float()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    y, stats = BACKEND.forward(x, None, None, 16, 1e-5, "none")
+    xhat, mean, _ = ref.normalize(x.double().numpy(), 16, 1e-5)  # float64 on the same float32 values
+    err = float(np.abs(y.double().numpy() - xhat).max())
+    assert err < 1e-3, f"normalized output is {err:.3g} off float64 at mean 1e4 ({layout}, {mode})"
+    st = stats.double().numpy()
+    np.testing.assert_allclose(st[..., 0] + st[..., 1], mean, rtol=0, atol=1e-6)
+    dy = torch.randn(x.shape, generator=g).to(memory_format=torch.channels_last if layout != "contiguous" else torch.contiguous_format)
+    dx, _, _ = BACKEND.backward(dy, x, None, None, stats, 16, "none", [True, False, False])
+    dx_ref, _, _ = ref.backward(dy.double().numpy(), x.double().numpy(), None, None, 16, 1e-5, "none")
+    rel = np.abs(dx.double().numpy() - dx_ref).max() / np.abs(dx_ref).max()
+    assert rel < 1e-3, f"dx relative error {rel:.3g} at mean 1e4"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("split", ["auto", "fused", "split"])
+def test_bitwise_repeatable(layout, split, monkeypatch):
+    """Large enough to run on every thread; two runs must agree bit for bit."""
+    monkeypatch.setattr(cpu, "split_mode", split)
+    x, w, b, dy = make((2, 64, 24, 24), torch.float32, layout)
+    outs = []
+    for _ in range(2):
+        y, stats = BACKEND.forward(x, w, b, 32, 1e-5, "silu")
+        dx, dw, db = BACKEND.backward(dy, x, w, b, stats, 32, "silu", [True, True, True])
+        outs.append((y, stats, dx, dw, db))
+    for a, c in zip(*outs):
+        assert torch.equal(a, c), "repeated runs differ"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_batch1_uses_split_reduction(layout):
+    """A batch-1 shape with few groups splits the reduction over S (when threads > 1) and stays correct."""
+    import numba
+
+    shape, G = (1, 4, 128, 128), 1
+    prev = numba.get_num_threads()
+    try:
+        numba.set_num_threads(2)
+        threads, chunks = cpu._plan(shape[0], shape[1], 128 * 128, G, layout == "channels_last")
+        assert threads == 2 and chunks > 1, "a batch-1 shape should split its reduction into chunks"
+        x, w, b, dy = make(shape, torch.float64, layout)
+        check_against_reference(x, w, b, dy, G, "relu")
+    finally:
+        numba.set_num_threads(prev)
+
+
+def test_supports_and_errors():
+    assert BACKEND.available() is None
+    assert BACKEND.supports(torch.zeros(2, 2), "gelu")
+    assert not BACKEND.supports(torch.zeros(2, 2, dtype=torch.int64), "none")
+    x = torch.randn(2, 4, 6, 6)[:, :, ::2]  # neither contiguous nor channels-last dense
+    with pytest.raises(ValueError, match="contiguous or channels-last"):
+        BACKEND.forward(x, None, None, 2, 1e-5, "none")
+
+
+def test_through_the_op_gradcheck():
+    """The backend behind groupnorm.group_norm's autograd: gradcheck in float64."""
+    group_norm = pytest.importorskip("groupnorm").group_norm
+    x, w, b, _ = make((2, 6, 3, 4), torch.float64, "channels_last")
+    inputs = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_())
+    for act in ("none", "silu", "gelu"):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: group_norm(x, 3, w, b, 1e-5, activation=None if act == "none" else act, backend="numba"),
+            inputs,
+        )
