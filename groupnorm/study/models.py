@@ -10,7 +10,8 @@ Norms:
               (virtual) worker, and each chunk is normalized with its own mean and variance, as
               on unsynchronized GPUs. Under DDP each process holds one chunk: workers = 1.
 * ``syncbn``  BatchNorm over all workers' images: plain BN on the whole batch in one process,
-              ``torch.nn.SyncBatchNorm`` under DDP.
+              ``torch.nn.SyncBatchNorm`` under DDP on GPUs, ``AllReduceBatchNorm2d`` under DDP on
+              CPUs (where SyncBatchNorm refuses to run).
 * ``gn``      GroupNorm (our op), G = ``groups`` but never fewer than ``min_group_channels``
               channels per group, so narrow layers do not turn into Instance Norm.
 * ``ln``      GroupNorm with one group.
@@ -73,6 +74,37 @@ class WorkerBatchNorm2d(nn.BatchNorm2d):
         return super().extra_repr() + f", workers={self.workers}"
 
 
+class AllReduceBatchNorm2d(nn.BatchNorm2d):
+    """Synchronized BatchNorm for CPU processes under DDP (gloo).
+
+    ``torch.nn.SyncBatchNorm`` refuses modules that are not on a GPU, so on the CPU the
+    statistics over all workers are taken with differentiable all-reduces
+    (``torch.distributed.nn.functional.all_reduce``): the mean first, then the centered sum of
+    squares. Running statistics are updated from the global statistics, identically on every rank.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+        from torch.distributed.nn.functional import all_reduce
+
+        if not self.training or not dist.is_initialized():
+            return super().forward(x)
+        b, c, h, w = x.shape
+        count = b * h * w * dist.get_world_size()
+        mean = all_reduce(x.sum(dim=(0, 2, 3))) / count
+        centered = x - mean.view(1, c, 1, 1)
+        var = all_reduce(centered.square().sum(dim=(0, 2, 3))) / count
+        y = centered * torch.rsqrt(var + self.eps).view(1, c, 1, 1)
+        with torch.no_grad():
+            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
+            self.running_mean.lerp_(mean, m)
+            self.running_var.lerp_(var * (count / max(count - 1, 1)), m)
+            self.num_batches_tracked += 1
+        if self.affine:
+            y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
+        return y
+
+
 def gn_groups(channels: int, groups: int, min_group_channels: int) -> int:
     """G for GN: ``groups``, lowered (to a divisor of C) until each group has >= min_group_channels."""
     return resolve_groups(channels, groups, policy="divisor", min_group_size=min_group_channels)
@@ -90,7 +122,9 @@ def make_norm(
     if name == "bn":
         return lambda c: WorkerBatchNorm2d(c, workers=1 if distributed else workers)
     if name == "syncbn":
-        return (lambda c: nn.SyncBatchNorm(c)) if distributed else (lambda c: nn.BatchNorm2d(c))
+        if not distributed:
+            return lambda c: nn.BatchNorm2d(c)  # one process holds every worker's images
+        return (lambda c: nn.SyncBatchNorm(c)) if torch.cuda.is_available() else (lambda c: AllReduceBatchNorm2d(c))
     if name in ("gn", "gn+ws"):
         return lambda c: GroupNorm(gn_groups(c, groups, min_group_channels), c)
     if name == "ln":
