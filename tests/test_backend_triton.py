@@ -163,7 +163,10 @@ def test_available_and_supports():
     assert not BACKEND.supports(x.double(), "none")
     assert not BACKEND.supports(x.to(torch.int32), "none")
     assert not BACKEND.supports(x, "tanh")
-    assert not BACKEND.supports(make((2, 4, 6, 5), torch.float32, "contiguous")[..., ::2], "none")  # not dense
+    strided = make((2, 4, 6, 5), torch.float32, "contiguous")[..., ::2]  # not dense: the op densifies it
+    assert BACKEND.supports(strided, "none")
+    y, _ = BACKEND.forward(strided, None, None, 2, EPS, "none")
+    check(y, oracle(strided, None, None, 2, "none", torch.zeros_like(strided))[0], torch.float32, "strided y")
     assert BACKEND.supports(make((2, 4, 6, 5), torch.float32, "channels_last"), "silu")
     if not HAS_CUDA:
         assert gpu._INTERPRETED  # CPU tensors are accepted only under the interpreter
@@ -421,8 +424,11 @@ def test_group_norm_op_autograd():
     groupnorm = pytest.importorskip("groupnorm")
     if backends.get("triton") is not BACKEND and backends.get("triton").available() is not None:
         pytest.skip(f"dispatch sees an unusable triton backend: {backends.get('triton').available()}")
-    for layout, act in (("channels_last", "silu"), ("contiguous", "gelu")):
-        x = make((2, 6, 3, 4), torch.float32, layout, seed=13)
+    for layout, act in (("channels_last", "silu"), ("contiguous", "gelu"), ("strided", "relu")):
+        if layout == "strided":  # not dense: the op makes it dense before the backend sees it
+            x = make((2, 6, 3, 8), torch.float32, "channels_last", seed=13)[..., ::2]
+        else:
+            x = make((2, 6, 3, 4), torch.float32, layout, seed=13)
         w, b = params(6, torch.float32, "both")
         dy = torch.randn_like(x)
         grads = {}
@@ -432,7 +438,8 @@ def test_group_norm_op_autograd():
             assert groupnorm.last_backend() == name
             y.backward(dy)
             grads[name] = (y.detach(), xs.grad, ws.grad, bs.grad)
-        assert grads["triton"][0].stride() == x.stride() and grads["triton"][1].stride() == x.stride()
+        layout_of_x = torch.empty_like(x).stride()
+        assert grads["triton"][0].stride() == layout_of_x and grads["triton"][1].stride() == layout_of_x
         for got, exp, what in zip(grads["triton"], grads["reference"], ("y", "dx", "dweight", "dbias")):
             check(got, exp.cpu(), torch.float32, f"op {layout} {act} {what}")
 

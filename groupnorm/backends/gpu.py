@@ -570,7 +570,7 @@ _FUSED_MAX = {"forward": 8192, "backward": 4096}
 # Largest group (elements) for the looped one-program-per-group path: at 2-4 programs per SM
 # the groups in flight stay well inside an H100's 50 MB L2, so the second sweep hits L2.
 _GROUP_LOOP_MAX = 1 << 16
-_TILE = 4096  # elements of one tile in the split passes
+_TILE = 4096  # elements of one tile in the looped ("group" and "split") passes
 
 
 @contextlib.contextmanager
@@ -617,6 +617,11 @@ def _geometry(x):
     if x.movedim(1, -1).is_contiguous():
         return N, C, S, S * C, 1, C, True
     raise ValueError("triton groupnorm: x must be contiguous or channels-last dense")
+
+
+def _dense(x):
+    """x itself when contiguous or channels-last dense (read in place), else a contiguous copy."""
+    return x if (x.is_contiguous() or x.movedim(1, -1).is_contiguous()) else x.contiguous()
 
 
 def _geometry_or_none(t):
@@ -740,14 +745,15 @@ class TritonBackend:
             return False
         if x.dim() < 2 or x.numel() == 0:
             return False
-        if not (x.is_contiguous() or x.movedim(1, -1).is_contiguous()):
-            return False
+        # Any striding is accepted here: the op hands forward/backward dense input (and they
+        # make a contiguous copy of anything else rather than fail).
         if x.device.type == "cuda":
             return not _INTERPRETED
         return x.device.type == "cpu" and _INTERPRETED
 
     # ------------------------------------------------------------------ forward
     def forward(self, x, weight, bias, num_groups, eps, activation):
+        x = _dense(x)
         N, C, S, sn, sc, ss, cl = _geometry(x)
         G = int(num_groups)
         if C % G:
@@ -789,6 +795,7 @@ class TritonBackend:
 
     # ------------------------------------------------------------------ backward
     def backward(self, dy, x, weight, bias, stats, num_groups, activation, output_mask):
+        x = _dense(x)
         N, C, S, sn, sc, ss, cl = _geometry(x)
         if _geometry_or_none(dy) != (N, C, S, sn, sc, ss, cl):
             # The contract says dy shares x's layout; be tolerant of a mismatch all the same.
