@@ -106,7 +106,7 @@ def check(actual, expected, dtype, what):
     atol, rtol = TOL[dtype]
     assert actual is not None, f"{what}: missing"
     act = actual.detach().cpu().double()
-    exp = expected.double()
+    exp = expected.detach().cpu().double()
     assert act.shape == exp.shape, f"{what}: shape {tuple(act.shape)} != {tuple(exp.shape)}"
     assert torch.isfinite(act).all(), f"{what}: non-finite values"
     scale = max(1.0, float(exp.abs().max()))
@@ -127,7 +127,7 @@ def run(x, w, b, G, act, mask=(True, True, True), dy=None, **tune):
     return y, stats, dy, dx, dw, db
 
 
-def check_all(x, w, b, G, act, out, grad_dtype=None, what=""):
+def check_all(x, w, b, G, act, out, what=""):
     y, stats, dy, dx, dw, db = out
     ey, edx, edw, edb, emean, erstd = oracle(x, w, b, G, act, dy)
     dtype = x.dtype
@@ -433,15 +433,16 @@ def test_group_norm_op_autograd():
         dy = torch.randn_like(x)
         grads = {}
         for name in ("triton", "reference"):
-            xs, ws, bs = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
+            dev = x.device if name == "triton" else "cpu"  # the NumPy reference runs CPU tensors only
+            xs, ws, bs = (t.detach().to(dev).clone().requires_grad_(True) for t in (x, w, b))
             y = groupnorm.group_norm(xs, 3, ws, bs, EPS, activation=act, backend=name)
             assert groupnorm.last_backend() == name
-            y.backward(dy)
+            y.backward(dy.to(dev))
             grads[name] = (y.detach(), xs.grad, ws.grad, bs.grad)
         layout_of_x = torch.empty_like(x).stride()
         assert grads["triton"][0].stride() == layout_of_x and grads["triton"][1].stride() == layout_of_x
         for got, exp, what in zip(grads["triton"], grads["reference"], ("y", "dx", "dweight", "dbias")):
-            check(got, exp.cpu(), torch.float32, f"op {layout} {act} {what}")
+            check(got, exp, torch.float32, f"op {layout} {act} {what}")
 
 
 def test_group_norm_op_torch_compile_fullgraph():
@@ -454,13 +455,14 @@ def test_group_norm_op_torch_compile_fullgraph():
     compiled = torch.compile(f, fullgraph=True)
     out = {}
     for name, fn in (("triton", compiled), ("reference", None)):
-        xs, ws, bs = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
+        dev = x.device if name == "triton" else "cpu"  # the NumPy reference runs CPU tensors only
+        xs, ws, bs = (t.detach().to(dev).clone().requires_grad_(True) for t in (x, w, b))
         if fn is None:
             y = groupnorm.group_norm(xs, 4, ws, bs, EPS, activation="silu", backend="reference")
         else:
             y = fn(xs, ws, bs)
             assert groupnorm.last_backend() == "triton"
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        (y * torch.linspace(-1, 1, y.numel(), device=dev).view_as(y)).sum().backward()
         out[name] = (y.detach(), xs.grad, ws.grad, bs.grad)
     assert out["triton"][0].stride() == x.stride()
     for got, exp, what in zip(out["triton"], out["reference"], ("y", "dx", "dweight", "dbias")):
