@@ -17,10 +17,7 @@ from groupnorm.functional import group_norm
 from groupnorm.groups import resolve_groups
 from groupnorm.layers import GroupNorm, StdConv1d, StdConv2d, StdConv3d, norm_layer
 
-try:  # conversion tools (their own issue); the op and layer never depend on them
-    from groupnorm.convert import check_batch_independence, convert_batchnorm
-except ImportError:  # pragma: no cover
-    pass
+from groupnorm.convert import check_batch_independence, convert_batchnorm
 
 __version__ = "0.1.0"
 

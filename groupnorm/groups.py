@@ -58,6 +58,8 @@ def resolve_groups(
 
     if group_size is not None:
         size = _check_int("group_size", group_size)
+        if size > C and policy != "strict":
+            return 1  # a group wider than the layer: the whole layer is one group (LayerNorm-like)
         if size <= 0 or size > C:
             raise ValueError(
                 f"group_size must be in [1, num_channels={C}], got {size}; "

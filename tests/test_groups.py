@@ -33,6 +33,9 @@ def test_divisor_and_gcd():
     assert resolve_groups(48, group_size=5, policy="gcd") == 48  # gcd(48, 5) = 1 channel per group
     assert resolve_groups(16, 32, policy="divisor") == 16
     assert resolve_groups(16, 32, policy="divisor", min_group_size=4) == 4
+    assert resolve_groups(16, group_size=32, policy="divisor") == 1  # narrow layer, wide group: one group
+    with pytest.raises(ValueError, match="group_size must be in"):
+        resolve_groups(16, group_size=32)  # strict never guesses
 
 
 @given(C=st.integers(1, 600), G=st.integers(1, 600), policy=st.sampled_from(["divisor", "gcd"]), m=st.integers(1, 8))
