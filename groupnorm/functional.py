@@ -249,8 +249,8 @@ def group_norm(
     """
     act = check_inputs(input, num_groups, weight, bias, eps, activation)
     name = backend if backend is not None else backends.requested()
-    if name and name != "auto":
-        backends.get(name)  # unknown names fail here, with the list of valid ones
+    if name and name != "auto" and name not in backends.names():  # no import here: this line is traced
+        backends.get(name)  # raises the error that lists the valid names
     if torch.compiler.is_compiling():
         y, _ = _forward_op(input, weight, bias, num_groups, float(eps), act, name or "")
         return y

@@ -3,6 +3,11 @@
 import os
 
 import torch
+
+# Without a GPU, Triton kernels run in its interpreter; this must be set before anything
+# imports triton (test modules are imported in name order), hence here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(

@@ -231,7 +231,7 @@ def test_strict_policy_error_names_the_layer_and_leaves_the_model_alone():
     (lambda: convert_batchnorm(small_cnn(), policy="nearest"), ValueError, "unknown group policy 'nearest'"),
     (lambda: convert_batchnorm(small_cnn(), eps=-1.0), ValueError, "eps must be a positive number"),
     (lambda: convert_batchnorm(nn.Sequential(nn.BatchNorm2d(8, eps=0.0))), ValueError, r"eps=0.0.*pass eps=1e-5"),
-    (lambda: convert_batchnorm(nn.BatchNorm2d(16), group_size=32), ValueError, r"group_size must be in \[1, num_channels=16\]"),
+    (lambda: convert_batchnorm(nn.BatchNorm2d(16), group_size=32, policy="strict"), ValueError, r"group_size must be in \[1, num_channels=16\]"),
 ])
 def test_bad_inputs_get_clear_errors(call, error, match):
     with pytest.raises(error, match=match):
