@@ -32,7 +32,10 @@ import math
 import numba
 import numpy as np
 import torch
+from llvmlite import ir as llvm_ir
 from numba import njit, prange
+from numba.core import types
+from numba.extending import intrinsic, overload
 
 ACT_CODES = {"none": 0, "relu": 1, "silu": 2, "gelu": 3}
 
@@ -53,6 +56,53 @@ _MH, _A, _B, _P, _Q, _R = 0, 1, 2, 3, 4, 5
 
 
 # ----------------------------------------------------------------------------- scalar helpers
+@intrinsic
+def _bits_to_f32(typingctx, v):
+    """Reinterpret an int32 as a float32 (LLVM bitcast; vectorizes, unlike a libm call)."""
+    if not isinstance(v, types.Integer) or v.bitwidth != 32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvm_ir.FloatType())
+
+    return types.float32(v), codegen
+
+
+def _vexp(x):  # pragma: no cover - replaced by the overload inside numba code
+    return math.exp(x)
+
+
+@overload(_vexp, jit_options=dict(error_model="numpy"))
+def _vexp_impl(x):
+    """exp that LLVM can vectorize for float32 (libm's expf is a scalar call):
+    x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-7 polynomial (relative error < 2e-7),
+    2^n built in the exponent bits. float64 keeps np.exp (full double precision)."""
+    if x == types.float32:
+
+        def exp_f32(x):
+            x = np.float32(-87.0) if x < np.float32(-87.0) else x  # NaN passes through
+            x = np.float32(88.0) if x > np.float32(88.0) else x
+            # round x / ln2 to an integer with the 1.5 * 2^23 trick (no libm floor call)
+            n = (x * np.float32(1.4426950408889634) + np.float32(12582912.0)) - np.float32(12582912.0)
+            r = x - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
+            p = np.float32(1.0 / 5040.0)
+            p = p * r + np.float32(1.0 / 720.0)
+            p = p * r + np.float32(1.0 / 120.0)
+            p = p * r + np.float32(1.0 / 24.0)
+            p = p * r + np.float32(1.0 / 6.0)
+            p = p * r + np.float32(0.5)
+            p = p * r + np.float32(1.0)
+            p = p * r + np.float32(1.0)
+            return p * _bits_to_f32(np.int32((np.int64(n) + 127) << 23))
+
+        return exp_f32
+
+    def exp_any(x):
+        return np.exp(x)
+
+    return exp_any
+
+
 @njit(**_SERIAL)
 def _consts(x):
     """0, 1, 1/2, 1/sqrt(2), 1/sqrt(2 pi) in x's dtype (literals would promote float32 to float64)."""
@@ -66,27 +116,24 @@ def _consts(x):
 
 
 @njit(**_SERIAL)
-def _act(z, act, k):
-    if act == 1:
-        return k[0] if z < k[0] else z
-    if act == 2:
-        return z / (k[1] + np.exp(-z))
-    if act == 3:
-        return k[2] * z * (k[1] + math.erf(z * k[3]))
-    return z
+def _silu(z, k):
+    return z / (k[1] + _vexp(-z))
 
 
 @njit(**_SERIAL)
-def _dact(z, act, k):
-    """d act(z) / dz."""
-    if act == 1:
-        return k[1] if z > k[0] else k[0]
-    if act == 2:
-        s = k[1] / (k[1] + np.exp(-z))
-        return s * (k[1] + z * (k[1] - s))
-    if act == 3:
-        return k[2] * (k[1] + math.erf(z * k[3])) + z * (np.exp(-k[2] * z * z) * k[4])
-    return k[1]
+def _gelu(z, k):
+    return k[2] * z * (k[1] + math.erf(z * k[3]))
+
+
+@njit(**_SERIAL)
+def _dsilu(z, k):
+    s = k[1] / (k[1] + _vexp(-z))
+    return s * (k[1] + z * (k[1] - s))
+
+
+@njit(**_SERIAL)
+def _dgelu(z, k):
+    return k[2] * (k[1] + math.erf(z * k[3])) + z * (_vexp(-k[2] * z * z) * k[4])
 
 
 @njit(**_SERIAL)
@@ -107,67 +154,112 @@ def _shifted_sums(xs, shift):
     return s1, s2
 
 
+# Rows of the contiguous layout: channels c0..c1 of sample n, positions s0..s1 of each
+# row. Indices are made unsigned so numba drops its negative-index wraparound, which
+# would otherwise keep LLVM from vectorizing; one call covers a whole group, so short
+# rows (7x7 maps) do not pay a call per row.
 @njit(**_REDUCE)
-def _grad_sums_plain(dys, xs, mh64):
-    """(sum g, sum g * (x - mh)) with g = dy."""
-    s = 0.0
-    t = 0.0
-    for i in range(xs.shape[0]):
-        g = np.float64(dys[i])
-        s += g
-        t += g * (np.float64(xs[i]) - mh64)
-    return s, t
+def _nc_grad_sums(dy, x, gs, cf, A, B, po, n, c0, c1, s0, s1, C, S, act, k):
+    """A[po + j] = sum g, B[po + j] = sum g * (x - mh) over row c0 + j, with g = dy * act'(z),
+    z = (x - mh) * a + b (from non-reassociating helpers); SiLU/GELU park g in gs."""
+    base = n * 6 * C
+    for c in range(c0, c1):
+        mh = cf[base + c]
+        a = cf[base + C + c]
+        b = cf[base + 2 * C + c]
+        mh64 = np.float64(mh)
+        lo = (n * C + c) * S
+        s = 0.0
+        t = 0.0
+        if act == 0:
+            for i in range(s0, s1):
+                j = np.uint64(lo + i)
+                g = np.float64(dy[j])
+                s += g
+                t += g * (np.float64(x[j]) - mh64)
+        elif act == 1:
+            for i in range(s0, s1):
+                j = np.uint64(lo + i)
+                xv = x[j]
+                g = np.float64(dy[j]) if _affine(xv, mh, a, b) > k[0] else 0.0
+                s += g
+                t += g * (np.float64(xv) - mh64)
+        elif act == 2:
+            for i in range(s0, s1):
+                j = np.uint64(lo + i)
+                xv = x[j]
+                gv = dy[j] * _dsilu(_affine(xv, mh, a, b), k)
+                gs[j] = gv
+                g = np.float64(gv)
+                s += g
+                t += g * (np.float64(xv) - mh64)
+        else:
+            for i in range(s0, s1):
+                j = np.uint64(lo + i)
+                xv = x[j]
+                gv = dy[j] * _dgelu(_affine(xv, mh, a, b), k)
+                gs[j] = gv
+                g = np.float64(gv)
+                s += g
+                t += g * (np.float64(xv) - mh64)
+        A[po + c - c0] = s
+        B[po + c - c0] = t
 
 
 @njit(**_SERIAL)
-def _grad_sums(dys, xs, gs, mh, a, b, act, k):
-    """(sum g, sum g * (x - mh)) over the slices, g = dy * act'(z), z = (x - mh) * a + b;
-    with SiLU/GELU, g is also parked in gs (the dx buffer) for the dx pass."""
-    mh64 = np.float64(mh)
-    if act == 0:
-        return _grad_sums_plain(dys, xs, mh64)
-    s = 0.0
-    t = 0.0
-    for i in range(xs.shape[0]):
-        xv = xs[i]
-        g = dys[i] * _dact(_affine(xv, mh, a, b), act, k)
-        if act >= 2:
-            gs[i] = g
-        g64 = np.float64(g)
-        s += g64
-        t += g64 * (np.float64(xv) - mh64)
-    return s, t
+def _nc_normalize(x, y, cf, n, c0, c1, s0, s1, C, S, act, k):
+    """y = act((x - mh) * a + b) over rows c0..c1, positions s0..s1."""
+    base = n * 6 * C
+    for c in range(c0, c1):
+        mh = cf[base + c]
+        a = cf[base + C + c]
+        b = cf[base + 2 * C + c]
+        lo = (n * C + c) * S
+        if act == 0:
+            for i in range(s0, s1):
+                j = np.uint64(lo + i)
+                y[j] = (x[j] - mh) * a + b
+        elif act == 1:
+            for i in range(s0, s1):
+                j = np.uint64(lo + i)
+                z = (x[j] - mh) * a + b
+                y[j] = k[0] if z < k[0] else z
+        elif act == 2:
+            for i in range(s0, s1):
+                j = np.uint64(lo + i)
+                y[j] = _silu((x[j] - mh) * a + b, k)
+        else:
+            for i in range(s0, s1):
+                j = np.uint64(lo + i)
+                y[j] = _gelu((x[j] - mh) * a + b, k)
 
 
 @njit(**_SERIAL)
-def _normalize_range(xs, ys, mh, a, b, act, k):
-    """ys = act((xs - mh) * a + b)."""
-    if act == 0:
-        for i in range(xs.shape[0]):
-            ys[i] = (xs[i] - mh) * a + b
-    elif act == 1:
-        for i in range(xs.shape[0]):
-            z = (xs[i] - mh) * a + b
-            ys[i] = k[0] if z < k[0] else z
-    else:
-        for i in range(xs.shape[0]):
-            ys[i] = _act((xs[i] - mh) * a + b, act, k)
-
-
-@njit(**_SERIAL)
-def _dx_range(dys, xs, dxs, mh, a, b, p, q, r, act, k):
-    """dxs = g * p + (xs - mh) * q + r (g read back from dxs for SiLU/GELU)."""
-    if act == 0:
-        for i in range(xs.shape[0]):
-            dxs[i] = dys[i] * p + (xs[i] - mh) * q + r
-    elif act == 1:
-        for i in range(xs.shape[0]):
-            d = xs[i] - mh
-            g = dys[i] if d * a + b > k[0] else k[0]
-            dxs[i] = g * p + d * q + r
-    else:
-        for i in range(xs.shape[0]):
-            dxs[i] = dxs[i] * p + (xs[i] - mh) * q + r
+def _nc_dx(dy, x, dx, cf, n, c0, c1, s0, s1, C, S, act, k):
+    """dx = g * p + (x - mh) * q + r over rows c0..c1 (g read back from dx for SiLU/GELU)."""
+    base = n * 6 * C
+    for c in range(c0, c1):
+        mh = cf[base + c]
+        a = cf[base + C + c]
+        b = cf[base + 2 * C + c]
+        p = cf[base + 3 * C + c]
+        q = cf[base + 4 * C + c]
+        r = cf[base + 5 * C + c]
+        lo = (n * C + c) * S
+        if act == 0:
+            for i in range(s0, s1):
+                j = np.uint64(lo + i)
+                dx[j] = dy[j] * p + (x[j] - mh) * q + r
+        elif act == 1:
+            for i in range(s0, s1):
+                j = np.uint64(lo + i)
+                d = x[j] - mh
+                g = dy[j] if d * a + b > k[0] else k[0]
+                dx[j] = g * p + d * q + r
+        else:
+            for i in range(s0, s1):
+                j = np.uint64(lo + i)
+                dx[j] = dx[j] * p + (x[j] - mh) * q + r
 
 
 # ----------------------------------------------------------------------------- per-group bookkeeping
@@ -227,6 +319,19 @@ def _dx_coefs(cf, st, A, B, n, g, C, Cg, S, w):
         cf[base + _R * C + c] = r
 
 
+@njit(**_SERIAL)
+def _reduce_params(A, B, dw, db, N, C):
+    """dbias[c] = sum_n A[n, c], dweight[c] = sum_n B[n, c], over n in order."""
+    for c in range(C):
+        sa = 0.0
+        sb = 0.0
+        for n in range(N):
+            sa += A[n * C + c]
+            sb += B[n * C + c]
+        db[c] = sa
+        dw[c] = sb
+
+
 # ----------------------------------------------------------------------------- contiguous (N, C, S)
 @njit(**_PARALLEL)
 def _forward_nc(x, y, w, b, st, N, C, S, G, eps, act, nch):
@@ -276,17 +381,12 @@ def _forward_nc(x, y, w, b, st, N, C, S, G, eps, act, nch):
             n = row // C
             c0 = row - n * C
             c1, s0, s1_ = c0 + 1, ch * S // nch, (ch + 1) * S // nch
-        base = n * 6 * C
-        for c in range(c0, c1):
-            r0 = (n * C + c) * S
-            _normalize_range(
-                x[r0 + s0:r0 + s1_], y[r0 + s0:r0 + s1_], cf[base + c], cf[base + C + c], cf[base + 2 * C + c], act, k
-            )
+        _nc_normalize(x, y, cf, n, c0, c1, s0, s1_, C, S, act, k)
 
 
 @njit(**_PARALLEL)
-def _backward_nc(dy, x, dx, w, b, st, N, C, S, G, act, nch):
-    """Returns per-(n, c) sums (A = sum g, B = sum g * xhat), each (N * C,) float64.
+def _backward_nc(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
+    """dx, and dw/db (C,) from the per-(n, c) sums A = sum g, B = sum g * xhat.
     Same decomposition as the forward."""
     k = _consts(x)
     Cg = C // G
@@ -297,27 +397,21 @@ def _backward_nc(dy, x, dx, w, b, st, N, C, S, G, act, nch):
     if nch > 0:
         for i in range(N * G):
             _affine_coefs(cf, st, i // G, i % G, C, Cg, w, b)
-        part = np.empty(2 * items)
+        partA = np.empty(items)
+        partB = np.empty(items)
         for it0 in prange(items):
             it = np.int64(it0)  # prange indices are unsigned; one signature per helper
             row = it // nch
             ch = it - row * nch
             n = row // C
             c = row - n * C
-            base = n * 6 * C
-            lo = row * S + ch * S // nch
-            hi = row * S + (ch + 1) * S // nch
-            s, t = _grad_sums(
-                dy[lo:hi], x[lo:hi], dx[lo:hi], cf[base + c], cf[base + C + c], cf[base + 2 * C + c], act, k
-            )
-            part[2 * it] = s
-            part[2 * it + 1] = t
+            _nc_grad_sums(dy, x, dx, cf, partA, partB, it, n, c, c + 1, ch * S // nch, (ch + 1) * S // nch, C, S, act, k)
         for row in range(N * C):
             s = 0.0
             t = 0.0
             for it in range(row * nch, (row + 1) * nch):
-                s += part[2 * it]
-                t += part[2 * it + 1]
+                s += partA[it]
+                t += partB[it]
             A[row] = s
             B[row] = t
         for i in range(N * G):
@@ -329,12 +423,7 @@ def _backward_nc(dy, x, dx, w, b, st, N, C, S, G, act, nch):
             g = it - n * G
             base = n * 6 * C
             _affine_coefs(cf, st, n, g, C, Cg, w, b)
-            for c in range(g * Cg, (g + 1) * Cg):
-                r0 = (n * C + c) * S
-                A[n * C + c], B[n * C + c] = _grad_sums(
-                    dy[r0:r0 + S], x[r0:r0 + S], dx[r0:r0 + S],
-                    cf[base + c], cf[base + C + c], cf[base + 2 * C + c], act, k,
-                )
+            _nc_grad_sums(dy, x, dx, cf, A, B, n * C + g * Cg, n, g * Cg, (g + 1) * Cg, 0, S, C, S, act, k)
             _dx_coefs(cf, st, A, B, n, g, C, Cg, S, w)
             c0, c1, s0, s1 = g * Cg, (g + 1) * Cg, 0, S
         else:
@@ -343,15 +432,8 @@ def _backward_nc(dy, x, dx, w, b, st, N, C, S, G, act, nch):
             n = row // C
             c0 = row - n * C
             c1, s0, s1 = c0 + 1, ch * S // nch, (ch + 1) * S // nch
-        base = n * 6 * C
-        for c in range(c0, c1):
-            lo = (n * C + c) * S + s0
-            hi = (n * C + c) * S + s1
-            _dx_range(
-                dy[lo:hi], x[lo:hi], dx[lo:hi], cf[base + c], cf[base + C + c], cf[base + 2 * C + c],
-                cf[base + 3 * C + c], cf[base + 4 * C + c], cf[base + 5 * C + c], act, k,
-            )
-    return A, B
+        _nc_dx(dy, x, dx, cf, n, c0, c1, s0, s1, C, S, act, k)
+    _reduce_params(A, B, dw, db, N, C)
 
 
 # ----------------------------------------------------------------------------- channels-last (N, S, C)
@@ -378,9 +460,12 @@ def _cl_normalize_rows(x, y, mh, a, b, xo, slo, shi, C, act, k):
             for c in range(C):
                 z = (xr[c] - mh[c]) * a[c] + b[c]
                 yr[c] = k[0] if z < k[0] else z
+        elif act == 2:
+            for c in range(C):
+                yr[c] = _silu((xr[c] - mh[c]) * a[c] + b[c], k)
         else:
             for c in range(C):
-                yr[c] = _act((xr[c] - mh[c]) * a[c] + b[c], act, k)
+                yr[c] = _gelu((xr[c] - mh[c]) * a[c] + b[c], k)
 
 
 @njit(**_SERIAL)
@@ -394,13 +479,27 @@ def _cl_grad_rows(dy, x, dx, sg, sgd, mh, a, b, xo, slo, shi, C, act, k):
                 g = np.float64(dyr[c])
                 sg[c] += g
                 sgd[c] += g * (np.float64(xr[c]) - np.float64(mh[c]))
+        elif act == 1:
+            for c in range(C):
+                xv = xr[c]
+                g = np.float64(dyr[c]) if _affine(xv, mh[c], a[c], b[c]) > k[0] else 0.0
+                sg[c] += g
+                sgd[c] += g * (np.float64(xv) - np.float64(mh[c]))
+        elif act == 2:
+            dxr = dx[xo + s * C:xo + (s + 1) * C]
+            for c in range(C):
+                xv = xr[c]
+                gv = dyr[c] * _dsilu(_affine(xv, mh[c], a[c], b[c]), k)
+                dxr[c] = gv
+                g = np.float64(gv)
+                sg[c] += g
+                sgd[c] += g * (np.float64(xv) - np.float64(mh[c]))
         else:
             dxr = dx[xo + s * C:xo + (s + 1) * C]
             for c in range(C):
                 xv = xr[c]
-                gv = dyr[c] * _dact(_affine(xv, mh[c], a[c], b[c]), act, k)
-                if act >= 2:
-                    dxr[c] = gv
+                gv = dyr[c] * _dgelu(_affine(xv, mh[c], a[c], b[c]), k)
+                dxr[c] = gv
                 g = np.float64(gv)
                 sg[c] += g
                 sgd[c] += g * (np.float64(xv) - np.float64(mh[c]))
@@ -493,8 +592,8 @@ def _forward_cl(x, y, w, b, st, N, C, S, G, eps, act, nch):
 
 
 @njit(**_PARALLEL)
-def _backward_cl(dy, x, dx, w, b, st, N, C, S, G, act, nch):
-    """Returns per-(n, c) sums (A = sum g, B = sum g * xhat), each (N * C,) float64."""
+def _backward_cl(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
+    """dx, and dw/db (C,) from the per-(n, c) sums A = sum g, B = sum g * xhat."""
     k = _consts(x)
     Cg = C // G
     cf = np.empty(N * 6 * C, x.dtype)
@@ -547,7 +646,7 @@ def _backward_cl(dy, x, dx, w, b, st, N, C, S, G, act, nch):
             cf[base + 3 * C:base + 4 * C], cf[base + 4 * C:base + 5 * C], cf[base + 5 * C:base + 6 * C],
             n * S * C, s0, s1, C, act, k,
         )
-    return A, B
+    _reduce_params(A, B, dw, db, N, C)
 
 
 # ----------------------------------------------------------------------------- the backend object
@@ -567,12 +666,13 @@ def _is_channels_last(x: torch.Tensor) -> bool:
     )
 
 
-def _flat(t: torch.Tensor, channels_last: bool) -> np.ndarray:
-    """The tensor's storage as a 1-D numpy array, no copy: (N, C, S) or (N, S, C) order."""
-    v = t.detach()
-    if channels_last:
-        v = v.movedim(1, -1)
-    return v.reshape(-1).numpy()
+def _flat(t: torch.Tensor) -> np.ndarray:
+    """A dense tensor's storage as a 1-D numpy array in memory order, no copy: (N, C, S)
+    order for a contiguous tensor, (N, S, C) for a channels-last one."""
+    flat = t.detach().numpy().ravel("K")
+    if flat.flags.owndata:  # ravel had to copy: writes would not reach the tensor
+        raise ValueError(f"the numba backend needs a dense tensor, got strides {t.stride()} for shape {tuple(t.shape)}")
+    return flat
 
 
 _FILL_CACHE: dict = {}
@@ -639,7 +739,7 @@ class NumbaBackend:
 
     def forward(self, x, weight, bias, num_groups, eps, activation):
         kdt = _KERNEL_DTYPES[x.dtype]
-        xk = x.detach().to(kdt)
+        xk = x.detach() if x.dtype == kdt else x.detach().to(kdt)
         N, C = x.shape[:2]
         S = x.numel() // (N * C) if N * C else 0
         G = num_groups
@@ -648,17 +748,17 @@ class NumbaBackend:
         if xk.numel() == 0:
             return y.to(x.dtype), stats.zero_()
         cl = _is_channels_last(xk)
-        kernel = _forward_cl if cl else _forward_nc
         threads, nch = _plan(N, C, S, G, cl)
         _run(
-            kernel, threads, _flat(xk, cl), _flat(y, cl), _param(weight, C, 1.0, kdt), _param(bias, C, 0.0, kdt),
-            stats.view(-1).numpy(), N, C, S, G, float(eps), ACT_CODES[activation], nch,
+            _forward_cl if cl else _forward_nc, threads,
+            _flat(xk), _flat(y), _param(weight, C, 1.0, kdt), _param(bias, C, 0.0, kdt),
+            stats.numpy().ravel(), N, C, S, G, float(eps), ACT_CODES[activation], nch,
         )
         return (y if kdt == x.dtype else y.to(x.dtype)), stats
 
     def backward(self, dy, x, weight, bias, stats, num_groups, activation, output_mask):
         kdt = _KERNEL_DTYPES[x.dtype]
-        xk = x.detach().to(kdt)
+        xk = x.detach() if x.dtype == kdt else x.detach().to(kdt)
         N, C = x.shape[:2]
         S = x.numel() // (N * C) if N * C else 0
         G = num_groups
@@ -666,26 +766,27 @@ class NumbaBackend:
         if xk.numel() == 0:
             return dx.to(x.dtype), None, None
         cl = _is_channels_last(xk)
-        dyk = dy.detach().to(kdt)
+        dyk = dy.detach() if dy.dtype == kdt else dy.detach().to(kdt)
         if dyk.stride() != xk.stride():
             dyk = torch.empty_like(xk).copy_(dyk)
-        st = stats.detach().to(kdt).contiguous()
-        kernel = _backward_cl if cl else _backward_nc
+        st = stats.detach()
+        if st.dtype != kdt or not st.is_contiguous():
+            st = st.to(kdt).contiguous()
+        dw = torch.empty(C, dtype=kdt)
+        db = torch.empty(C, dtype=kdt)
         threads, nch = _plan(N, C, S, G, cl)
-        A, B = _run(
-            kernel, threads, _flat(dyk, cl), _flat(xk, cl), _flat(dx, cl), _param(weight, C, 1.0, kdt),
-            _param(bias, C, 0.0, kdt), st.view(-1).numpy(), N, C, S, G, ACT_CODES[activation], nch,
+        _run(
+            _backward_cl if cl else _backward_nc, threads,
+            _flat(dyk), _flat(xk), _flat(dx), dw.numpy(), db.numpy(), _param(weight, C, 1.0, kdt),
+            _param(bias, C, 0.0, kdt), st.numpy().ravel(), N, C, S, G, ACT_CODES[activation], nch,
         )
         need_dx, need_dw, need_db = output_mask
-        dw = db = None
-        if need_dw and weight is not None:
-            dw = torch.from_numpy(B.reshape(N, C).sum(axis=0)).to(weight.dtype)
-        if need_db and bias is not None:
-            db = torch.from_numpy(A.reshape(N, C).sum(axis=0)).to(bias.dtype)
-        if need_dx:
-            dx = dx if kdt == x.dtype else dx.to(x.dtype)
-        else:
+        dw = dw.to(weight.dtype) if need_dw and weight is not None else None
+        db = db.to(bias.dtype) if need_db and bias is not None else None
+        if not need_dx:
             dx = None
+        elif kdt != x.dtype:
+            dx = dx.to(x.dtype)
         return dx, dw, db
 
 

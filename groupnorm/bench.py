@@ -1,0 +1,551 @@
+"""Time groupnorm against torch.nn.GroupNorm and against the memory floor.
+
+For every shape of the chosen suites and both memory layouts, times the forward, the
+backward and forward+backward of groupnorm.GroupNorm (the registered op with its autograd,
+so dispatch and allocation are counted) against torch.nn.GroupNorm (followed by the
+activation module when the case fuses one) and against the memory floor measured in the
+same run: a copy of the same bytes (x.clone(), allocation included); the forward floor
+is 1 copy (read x, write y), the backward 1.5 copies (read x and dy, write dx).
+Variants run interleaved, round after round, so machine drift hits all of them alike;
+the reported figure is the median over rounds, after warm-up.
+
+Suites (CPU): resnet (ResNet-50 stage shapes at batch 2, 8, 32, G=32), diffusion
+(UNet/VAE shapes at batch 1, G=32, SiLU), 3d (N, C, D, H, W segmentation shapes, G=8),
+1d (sequence shapes), small (per-call overhead). gpu (with --device cuda): SD/SDXL UNet
+and VAE shapes in bfloat16 with SiLU, with achieved bandwidth against the measured copy
+bandwidth. The train benchmark times whole SGD steps of a small ResNet with groupnorm's
+GroupNorm, torch.nn.GroupNorm and torch.nn.BatchNorm2d.
+
+Examples:
+  groupnorm bench --quick --out /tmp/gnbench
+  groupnorm bench --suite resnet diffusion --layouts channels_last --plot --out results/
+  groupnorm bench --device cuda --suite gpu --out results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ----------------------------------------------------------------------------- shape suites
+# entries: (shape, num_groups, activation)
+_R50 = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
+SUITES: dict[str, list] = {
+    "resnet": [((n, c, s, s), 32, "none") for n in (2, 8, 32) for c, s in _R50],
+    "diffusion": [
+        ((1, 320, 64, 64), 32, "silu"),  # SD UNet, 512x512 image, first level
+        ((1, 640, 32, 32), 32, "silu"),
+        ((1, 1280, 16, 16), 32, "silu"),
+        ((1, 512, 64, 64), 32, "silu"),  # VAE decoder levels
+        ((1, 256, 128, 128), 32, "silu"),
+        ((1, 128, 256, 256), 32, "silu"),
+    ],
+    "3d": [
+        ((1, 32, 64, 64, 64), 8, "none"),
+        ((1, 64, 32, 32, 32), 8, "relu"),
+        ((2, 128, 16, 16, 16), 8, "none"),
+        ((2, 256, 8, 8, 8), 8, "none"),
+    ],
+    "1d": [((8, 256, 4096), 32, "none"), ((32, 512, 256), 32, "gelu")],
+    "small": [((2, 32, 4, 4), 8, "none"), ((8, 64, 8, 8), 16, "relu"), ((2, 64, 16, 16), 32, "silu")],
+    "gpu": [
+        ((1, 512, 256, 256), 32, "silu"),  # SD VAE decoder at 512px / SDXL VAE
+        ((1, 256, 512, 512), 32, "silu"),
+        ((1, 128, 512, 512), 32, "silu"),
+        ((1, 128, 1024, 1024), 32, "silu"),  # SDXL VAE at 1024px
+        ((2, 320, 128, 128), 32, "silu"),  # SDXL UNet (CFG batch 2), 1024px latents
+        ((2, 640, 64, 64), 32, "silu"),
+        ((2, 1280, 32, 32), 32, "silu"),
+        ((1, 320, 64, 64), 32, "silu"),  # SD 1.5 UNet
+    ],
+}
+QUICK = [
+    ((2, 64, 16, 16), 16, "none"),
+    ((1, 64, 32, 32), 32, "silu"),
+    ((2, 16, 8, 8, 8), 8, "relu"),
+    ((4, 32, 128), 8, "gelu"),
+]
+CPU_SUITES = ("resnet", "diffusion", "3d", "1d", "small")
+ACT_MODULES = {"none": nn.Identity, "relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suite", nargs="+", choices=sorted(SUITES) + ["all"], default=None,
+                        help="shape suites to run (default: all CPU suites, or gpu with --device cuda)")
+    parser.add_argument("--quick", action="store_true", help="a few small shapes and a tiny training step (seconds)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--layouts", choices=("both", "contiguous", "channels_last"), default="both")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="input dtype (default float32 on CPU, bfloat16 for the gpu suite)")
+    parser.add_argument("--backend", default=None,
+                        help="groupnorm backend to time (default: automatic, numba on CPU, triton on CUDA)")
+    parser.add_argument("--repeats", type=int, default=11, help="timed rounds per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (JIT compile, allocator)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch and numba (default: all)")
+    parser.add_argument("--train", choices=("yes", "no", "only"), default="yes",
+                        help="also time whole training steps (forward, backward, SGD) of a small ResNet")
+    parser.add_argument("--out", type=Path, default=None, help="directory for bench.csv, bench.json (and bench.png)")
+    parser.add_argument("--plot", action="store_true", help="also save a PNG of the speedups (needs --out)")
+
+
+# ----------------------------------------------------------------------------- timing
+class Timer:
+    """Seconds per call of fn: CPU wall clock, or CUDA events on a GPU."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def __call__(self, fn, calls: int = 1) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / calls
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t0) / calls
+
+
+def time_interleaved(fns: dict, timer: Timer, repeats: int, warmup: int, min_sample_s: float = 2e-3) -> dict:
+    """Median seconds per call of each fn, timed round-robin (A, B, C, A, B, C, ...).
+
+    Fast functions are called several times per sample so that one sample lasts about
+    min_sample_s (timer resolution and per-sample noise stay small)."""
+    calls = {}
+    for name, fn in fns.items():
+        for _ in range(max(1, warmup)):
+            fn()
+        t = timer(fn)
+        calls[name] = max(1, min(1000, int(min_sample_s / max(t, 1e-7))))
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(timer(fn, calls[name]))
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+# ----------------------------------------------------------------------------- one case
+def _to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last" and t.dim() >= 3:
+        return t.movedim(1, -1).contiguous().movedim(-1, 1)
+    return t.contiguous()
+
+
+def _our_module(G: int, C: int, act: str, backend: str | None):
+    """groupnorm's layer (or the op itself if the layer is unavailable), in float32 params."""
+    activation = None if act == "none" else act
+    try:
+        from groupnorm import GroupNorm
+
+        layer = GroupNorm(G, C, activation=activation)
+        if backend is None:
+            return layer
+    except ImportError:  # pragma: no cover - the op landed with the layer
+        layer = None
+    from groupnorm import group_norm
+
+    weight, bias = nn.Parameter(torch.ones(C)), nn.Parameter(torch.zeros(C))
+
+    class _Op(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight, self.bias = weight, bias
+
+        def forward(self, x):
+            return group_norm(x, G, self.weight, self.bias, 1e-5, activation=activation, backend=backend)
+
+    return _Op()
+
+
+def bench_case(shape, G, act, layout, dtype, device, backend, timer, repeats, warmup) -> list[dict]:
+    """Rows (one per pass: fwd, bwd, fwdbwd) for one shape and layout."""
+    from groupnorm import backends
+
+    gen = torch.Generator().manual_seed(0)
+    C = shape[1]
+    x0 = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    x = _to_layout(x0, layout).requires_grad_(True)
+    dy = _to_layout(torch.randn(shape, generator=gen).to(device=device, dtype=dtype), layout)
+    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) and device == "cpu" else dtype
+
+    ours = _our_module(G, C, act, backend).to(device=device, dtype=param_dtype)
+    ref_gn = nn.GroupNorm(G, C).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        w = torch.linspace(0.5, 1.5, C)
+        b = torch.linspace(-0.2, 0.2, C)
+        for m in (ours, ref_gn):
+            m.weight.copy_(w)
+            m.bias.copy_(b)
+    ref = nn.Sequential(ref_gn, ACT_MODULES[act]()) if act != "none" else ref_gn
+    params_ours = [x, ours.weight, ours.bias]
+    params_ref = [x, ref_gn.weight, ref_gn.bias]
+
+    y_ours = ours(x)
+    last = backends.last_backend()
+    y_ref = ref(x)
+
+    fns = {
+        "floor": lambda: x.detach().clone(),
+        "ours_fwd": lambda: ours(x),
+        "torch_fwd": lambda: ref(x),
+        "ours_bwd": lambda: torch.autograd.grad(y_ours, params_ours, dy, retain_graph=True),
+        "torch_bwd": lambda: torch.autograd.grad(y_ref, params_ref, dy, retain_graph=True),
+        "ours_fwdbwd": lambda: torch.autograd.grad(ours(x), params_ours, dy),
+        "torch_fwdbwd": lambda: torch.autograd.grad(ref(x), params_ref, dy),
+    }
+    t = time_interleaved(fns, timer, repeats, warmup)
+    nbytes = x.numel() * x.element_size()
+    copy_gbps = 2 * nbytes / t["floor"] / 1e9
+    rows = []
+    for pas, floor_copies, passes in (("fwd", 1.0, 2), ("bwd", 1.5, 3), ("fwdbwd", 2.5, 5)):
+        ours_s, torch_s = t[f"ours_{pas}"], t[f"torch_{pas}"]
+        floor_s = floor_copies * t["floor"]
+        rows.append({
+            "shape": "x".join(map(str, shape)),
+            "groups": G,
+            "activation": act,
+            "layout": layout,
+            "dtype": str(dtype).replace("torch.", ""),
+            "device": device,
+            "backend": last or "",
+            "mib": round(nbytes / 2**20, 3),
+            "pass": pas,
+            "ours_ms": ours_s * 1e3,
+            "torch_ms": torch_s * 1e3,
+            "floor_ms": floor_s * 1e3,
+            "speedup": torch_s / ours_s,
+            "vs_floor": ours_s / floor_s,
+            "ours_gbps": passes * nbytes / ours_s / 1e9,
+            "copy_gbps": copy_gbps,
+        })
+    return rows
+
+
+# ----------------------------------------------------------------------------- training step
+class _Block(nn.Module):
+    def __init__(self, cin, cout, stride, norm):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.norm1 = norm(cout, True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.norm2 = norm(cout, False)
+        self.short = None
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout, False))
+
+    def forward(self, x):
+        out = self.norm2(self.conv2(self.norm1(self.conv1(x))))
+        return F.relu(out + (x if self.short is None else self.short(x)))
+
+
+class SmallResNet(nn.Module):
+    """A CIFAR-style ResNet (one basic block per stage) with an injected norm(C, relu_follows)."""
+
+    def __init__(self, norm, widths=(32, 64, 128), num_classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), norm(widths[0], True))
+        blocks, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            blocks.append(_Block(cin, w, 1 if i == 0 else 2, norm))
+            cin = w
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _norms(groups: int):
+    from groupnorm import GroupNorm
+
+    def ours(c, relu):  # the activation fused into the op
+        return GroupNorm(min(groups, c), c, activation="relu" if relu else None)
+
+    def torch_gn(c, relu):
+        gn = nn.GroupNorm(min(groups, c), c)
+        return nn.Sequential(gn, nn.ReLU()) if relu else gn
+
+    def bn(c, relu):
+        b = nn.BatchNorm2d(c)
+        return nn.Sequential(b, nn.ReLU()) if relu else b
+
+    return {"groupnorm": ours, "torch.nn.GroupNorm": torch_gn, "torch.nn.BatchNorm2d": bn}
+
+
+def bench_training(device, timer, repeats, warmup, quick, layouts) -> list[dict]:
+    batch, size, widths = (8, 16, (16, 32, 64)) if quick else (32, 32, (32, 64, 128))
+    rows = []
+    for layout in layouts:
+        gen = torch.Generator().manual_seed(0)
+        x = _to_layout(torch.randn(batch, 3, size, size, generator=gen), layout).to(device)
+        target = torch.randint(0, 10, (batch,), generator=gen).to(device)
+        steps = {}
+        for name, norm in _norms(8).items():
+            torch.manual_seed(0)
+            model = SmallResNet(norm, widths).to(device)
+            if layout == "channels_last":
+                model = model.to(memory_format=torch.channels_last)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+            def step(model=model, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), target).backward()
+                opt.step()
+
+            steps[name] = step
+        t = time_interleaved(steps, timer, repeats, warmup, min_sample_s=0.0)
+        for name, s in t.items():
+            rows.append({
+                "model": f"SmallResNet{widths}",
+                "norm": name,
+                "layout": layout,
+                "batch": batch,
+                "image": size,
+                "device": device,
+                "step_ms": s * 1e3,
+                "vs_batchnorm": s / t["torch.nn.BatchNorm2d"],
+            })
+    return rows
+
+
+# ----------------------------------------------------------------------------- summary
+def _geomean(v):
+    v = [x for x in v if x > 0]
+    return math.exp(sum(map(math.log, v)) / len(v)) if v else float("nan")
+
+
+def summarize(rows: list[dict], train_rows: list[dict]) -> list[dict]:
+    """The issue's targets, each with its measured value and whether it is met."""
+    fb = [r for r in rows if r["pass"] == "fwdbwd" and r["mib"] >= 0.25]
+    targets = []
+
+    def add(name, value, ok, detail=""):
+        targets.append({"target": name, "value": value, "met": ok, "detail": detail})
+
+    nc = [r["speedup"] for r in fb if r["layout"] == "contiguous" and r["activation"] == "none"]
+    if nc:
+        g = _geomean(nc)
+        add("fwd+bwd contiguous, geomean speedup >= 1.6x, none < 0.9x", g, g >= 1.6 and min(nc) >= 0.9,
+            f"geomean {g:.2f}x, min {min(nc):.2f}x over {len(nc)} shapes")
+    cl = [r["speedup"] for r in fb if r["layout"] == "channels_last" and r["activation"] == "none"]
+    if cl:
+        g = _geomean(cl)
+        add("fwd+bwd channels_last, geomean speedup >= 5x", g, g >= 5, f"geomean {g:.2f}x, min {min(cl):.2f}x over {len(cl)} shapes")
+    silu = [r["speedup"] for r in fb if r["activation"] == "silu"]
+    if silu:
+        g = _geomean(silu)
+        add("fused GN+SiLU fwd+bwd, speedup >= 2.5x vs GroupNorm+SiLU", g, g >= 2.5,
+            f"geomean {g:.2f}x, min {min(silu):.2f}x over {len(silu)} cases")
+    big = [r for r in fb if r["mib"] >= 4]
+    if big:
+        within = [r for r in big if r["vs_floor"] <= 1.25]
+        worst = max(r["vs_floor"] for r in big)
+        add("shapes >= 4 MiB: fwd+bwd within 1.25x of the memory floor", len(within) / len(big), len(within) == len(big),
+            f"{len(within)}/{len(big)} within; median {statistics.median(r['vs_floor'] for r in big):.2f}x, worst {worst:.2f}x")
+    tiny = [r for r in rows if r["mib"] < 0.05 and r["pass"] in ("fwd", "bwd")]
+    if tiny:
+        worst_us = max(r["ours_ms"] for r in tiny) * 1e3
+        add("per-call overhead on small shapes < 30 us", worst_us, worst_us < 30,
+            f"slowest tiny-shape fwd or bwd call {worst_us:.1f} us (torch.nn.GroupNorm: "
+            f"{max(r['torch_ms'] for r in tiny) * 1e3:.1f} us)")
+    for layout in ("contiguous", "channels_last"):
+        tr = [r for r in train_rows if r["norm"] == "groupnorm" and r["layout"] == layout]
+        if tr:
+            ratio = tr[0]["vs_batchnorm"]
+            add(f"GN ResNet training step ({layout}) no slower than BatchNorm2d", ratio, ratio <= 1.0,
+                f"step time {ratio:.2f}x BatchNorm2d's")
+    return targets
+
+
+# ----------------------------------------------------------------------------- output
+def _fmt_table(rows, cols, fmts) -> str:
+    cells = [[fmts.get(c, "{}").format(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+ROW_COLS = ["shape", "groups", "activation", "layout", "dtype", "mib", "pass", "ours_ms", "torch_ms", "floor_ms",
+            "speedup", "vs_floor", "ours_gbps"]
+ROW_FMTS = {"mib": "{:.2f}", "ours_ms": "{:.3f}", "torch_ms": "{:.3f}", "floor_ms": "{:.3f}", "speedup": "{:.2f}x",
+            "vs_floor": "{:.2f}x", "ours_gbps": "{:.1f}"}
+TRAIN_COLS = ["model", "norm", "layout", "batch", "image", "step_ms", "vs_batchnorm"]
+TRAIN_FMTS = {"step_ms": "{:.1f}", "vs_batchnorm": "{:.2f}x"}
+
+
+def machine_info(device: str) -> dict:
+    info = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "command": "groupnorm bench " + " ".join(sys.argv[1:]) if sys.argv and "bench" in sys.argv else "",
+    }
+    try:
+        import numba
+
+        info["numba"] = numba.__version__
+        info["numba_threads"] = numba.get_num_threads()
+    except ImportError:  # pragma: no cover
+        info["numba"] = None
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        try:
+            import triton
+
+            info["triton"] = triton.__version__
+        except ImportError:
+            info["triton"] = None
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_outputs(out: Path, info, rows, train_rows, targets, plot: bool) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    with open(out / "bench.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ROW_COLS)
+        writer.writeheader()
+        writer.writerows(rows)
+    written.append(out / "bench.csv")
+    if train_rows:
+        with open(out / "bench_train.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(train_rows[0]))
+            writer.writeheader()
+            writer.writerows(train_rows)
+        written.append(out / "bench_train.csv")
+    with open(out / "bench.json", "w") as f:
+        json.dump({"machine": info, "kernels": rows, "training": train_rows, "targets": targets}, f, indent=1)
+    written.append(out / "bench.json")
+    if plot and rows:
+        written.append(_plot(out / "bench.png", rows))
+    return written
+
+
+def _plot(path: Path, rows) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fb = [r for r in rows if r["pass"] == "fwdbwd"]
+    labels = [f"{r['shape']} {r['activation'] if r['activation'] != 'none' else ''} {'CL' if r['layout'] == 'channels_last' else 'NC'}"
+              for r in fb]
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(fb)), 4.5))
+    xs = range(len(fb))
+    ax.bar([i - 0.2 for i in xs], [r["speedup"] for r in fb], 0.4, label="speedup vs torch.nn.GroupNorm")
+    ax.bar([i + 0.2 for i in xs], [1 / r["vs_floor"] for r in fb], 0.4, label="fraction of the memory floor reached")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, rotation=70, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_title("groupnorm forward+backward")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- main
+def main(args) -> int:
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        print("groupnorm bench: --device cuda was given but no CUDA GPU is visible", file=sys.stderr)
+        return 2
+    if args.plot and args.out is None:
+        print("groupnorm bench: --plot needs --out DIR to write the PNG into", file=sys.stderr)
+        return 2
+    if args.repeats < 1 or args.warmup < 0:
+        print("groupnorm bench: --repeats must be >= 1 and --warmup >= 0", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        try:
+            import numba
+
+            numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+        except ImportError:  # pragma: no cover
+            pass
+
+    if args.quick:
+        cases = [("quick", *c) for c in QUICK]
+    else:
+        names = args.suite or (["gpu"] if device == "cuda" else list(CPU_SUITES))
+        if "all" in names:
+            names = list(CPU_SUITES) + (["gpu"] if device == "cuda" else [])
+        cases = [(name, *c) for name in names for c in SUITES[name]]
+    layouts = ["contiguous", "channels_last"] if args.layouts == "both" else [args.layouts]
+    timer = Timer(device)
+    info = machine_info(device)
+    print(f"groupnorm bench on {info['cpu']} ({info['cpu_count']} CPUs)"
+          + (f", {info.get('gpu')}" if device == "cuda" else "")
+          + f"; torch {info['torch']}, numba {info.get('numba')}; {args.repeats} interleaved rounds, medians", flush=True)
+
+    rows = []
+    if args.train != "only":
+        for suite, shape, G, act in cases:
+            dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if suite == "gpu" else torch.float32)
+            for layout in layouts:
+                if layout == "channels_last" and len(shape) < 3:
+                    continue
+                case_rows = bench_case(shape, G, act, layout, dtype, device, args.backend, timer, args.repeats, args.warmup)
+                for r in case_rows:
+                    r["suite"] = suite
+                rows.extend(case_rows)
+                fb = case_rows[-1]
+                print(f"  {suite:9s} {fb['shape']:>18s} G={G:<3d} {act:4s} {layout:13s} fwd+bwd {fb['ours_ms']:9.3f} ms"
+                      f"  torch {fb['torch_ms']:9.3f} ms  {fb['speedup']:5.2f}x  floor {fb['vs_floor']:5.2f}x"
+                      f"  [{fb['backend']}]", flush=True)
+    train_rows = []
+    if args.train != "no":
+        train_rows = bench_training(device, timer, max(3, args.repeats // 2 if args.quick else args.repeats),
+                                    args.warmup, args.quick, layouts)
+
+    targets = summarize(rows, train_rows)
+    if rows:
+        print("\nkernels (median ms per call; speedup = torch / ours; vs_floor = ours / copy floor)")
+        print(_fmt_table(rows, ROW_COLS, ROW_FMTS))
+    if train_rows:
+        print("\ntraining step (forward, backward, SGD)")
+        print(_fmt_table(train_rows, TRAIN_COLS, TRAIN_FMTS))
+    if targets:
+        print("\ntargets")
+        for t in targets:
+            print(f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['detail']}")
+    if args.out is not None:
+        for p in write_outputs(args.out, info, rows, train_rows, targets, args.plot):
+            print(f"wrote {p}")
+    return 0
