@@ -1,0 +1,72 @@
+"""`groupnorm bench --quick` end to end: it runs, and the CSV/JSON it writes are complete.
+
+No timing is asserted (the machine is shared); only that every figure is there and sane.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from groupnorm import bench
+from groupnorm.cli import main
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    rc = main(["bench", "--quick", "--repeats", "2", "--warmup", "1", "--threads", "1", "--out", str(out), "--plot"])
+    return rc, out
+
+
+def test_quick_bench_writes_csv_json_and_plot(quick_run):
+    rc, out = quick_run
+    assert rc == 0
+    with open(out / "bench.csv") as f:
+        rows = list(csv.DictReader(f))
+    # every quick shape x layout (channels-last needs spatial dims) x pass
+    expected = {
+        (shape, layout, pas)
+        for shape, _, _ in bench.QUICK
+        for layout in ("contiguous", "channels_last")
+        for pas in ("fwd", "bwd", "fwdbwd")
+    }
+    got = {(tuple(int(v) for v in r["shape"].split("x")), r["layout"], r["pass"]) for r in rows}
+    assert got == expected
+    for r in rows:
+        for col in ("ours_ms", "torch_ms", "floor_ms", "speedup", "vs_floor", "ours_gbps", "copy_gbps"):
+            v = float(r[col])
+            assert math.isfinite(v) and v > 0, f"{col}={r[col]!r} in {r}"
+        assert r["backend"] == "numba", "on CPU the automatic backend should be the numba kernels"
+        assert math.isclose(float(r["speedup"]), float(r["torch_ms"]) / float(r["ours_ms"]), rel_tol=1e-6)
+
+    data = json.loads((out / "bench.json").read_text())
+    assert set(data) == {"machine", "kernels", "training", "targets"}
+    assert data["machine"]["torch"] and data["machine"]["cpu_count"] >= 1
+    assert len(data["kernels"]) == len(rows)
+    norms = {(r["norm"], r["layout"]) for r in data["training"]}
+    assert norms == {
+        (n, l)
+        for n in ("groupnorm", "torch.nn.GroupNorm", "torch.nn.BatchNorm2d")
+        for l in ("contiguous", "channels_last")
+    }
+    assert all(r["step_ms"] > 0 for r in data["training"])
+    assert any(t["target"].startswith("GN ResNet training step") for t in data["targets"])
+    assert (out / "bench_train.csv").exists()
+    assert (out / "bench.png").stat().st_size > 0
+
+
+def test_bench_rejects_bad_arguments(tmp_path, capsys):
+    assert main(["bench", "--quick", "--plot"]) == 2
+    assert "--plot needs --out" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--repeats", "0", "--out", str(tmp_path)]) == 2
+
+
+def test_suites_are_well_formed():
+    for name, cases in list(bench.SUITES.items()) + [("quick", bench.QUICK)]:
+        for shape, groups, act in cases:
+            assert shape[1] % groups == 0, f"{name}: {shape} has channels not divisible by G={groups}"
+            assert act in bench.ACT_MODULES
