@@ -94,6 +94,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/study"), help="output folder (records, table, figures)")
     p.add_argument("--jobs", type=int, default=0,
                    help="runs trained in parallel processes (0: one per CPU core); threads per job = cores / jobs")
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads per job, for torch and numba (0: the cores divided among the jobs)")
     p.add_argument("--no-resume", action="store_true",
                    help="start over: delete this recipe's runs in --out instead of resuming them")
     p.add_argument("--quick", action="store_true",
@@ -160,7 +162,7 @@ def main(args: argparse.Namespace) -> int:
         if d.is_main:
             args.out.mkdir(parents=True, exist_ok=True)
             lock.acquire()
-        wall = study.run(jobs=jobs, resume=not args.no_resume, progress=not args.no_progress)
+        wall = study.run(jobs=jobs, resume=not args.no_resume, progress=not args.no_progress, threads=args.threads)
         if not d.is_main:
             return 0
         records = study.collect()

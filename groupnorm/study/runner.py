@@ -243,8 +243,11 @@ class Study:
         write_atomic(Path(self.out) / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         return records
 
-    def run(self, jobs: int = 1, resume: bool = True, progress: bool = True) -> float:
-        """Run every unfinished run of the grid; returns the wall time in seconds."""
+    def run(self, jobs: int = 1, resume: bool = True, progress: bool = True, threads: int = 0) -> float:
+        """Run every unfinished run of the grid; returns the wall time in seconds.
+
+        ``threads`` per job (torch and numba); 0: the cores divided among the jobs (or ranks).
+        """
         d = Dist.from_env()
         self.out.mkdir(parents=True, exist_ok=True)
         if d.is_main:
@@ -260,18 +263,18 @@ class Study:
         bars = _Bars(self, todo, jobs, enabled=progress and d.is_main)
         try:
             if d.distributed or jobs <= 1 or len(todo) <= 1:
-                set_threads(max(1, cpu_count() // (d.world if d.distributed else 1)))
+                set_threads(threads or max(1, cpu_count() // (d.world if d.distributed else 1)))
                 for run in todo:
                     bars.start(run.name)
                     execute_run(self.recipe, run, self.out, report=bars.update, d=d)
             else:
-                self._run_parallel(todo, jobs, bars)
+                self._run_parallel(todo, jobs, bars, threads)
         finally:
             bars.close()
         return time.perf_counter() - t0
 
-    def _run_parallel(self, todo: list[Run], jobs: int, bars: "_Bars") -> None:
-        threads = max(1, cpu_count() // jobs)
+    def _run_parallel(self, todo: list[Run], jobs: int, bars: "_Bars", threads: int = 0) -> None:
+        threads = threads or max(1, cpu_count() // jobs)
         os.environ["NUMBA_NUM_THREADS"] = str(threads)  # inherited by the spawned workers
         ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
         with mp.Manager() as manager:

@@ -1,0 +1,127 @@
+"""A tiny study end to end: records, table, figure, verdict; resume after kill -9; the lock."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from groupnorm.study import cli
+from groupnorm.study.runner import FolderLock, StudyLocked
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_study_data import make_idx_folder  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(data, out, *extra):
+    return ["--data", str(data), "--out", str(out), "--norms", "bn,gn", "--batch-sizes", "4,2", "--workers", "2",
+            "--epochs", "2", "--seeds", "2", "--width", "8", "--min-group-channels", "4", "--jobs", "1",
+            "--threads", "1", "--no-progress", *extra]
+
+
+def read_records(out):
+    return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_tiny_study_end_to_end(tmp_path, capsys):
+    data = make_idx_folder(tmp_path / "data", n_train=64, n_val=20)
+    out = tmp_path / "out"
+    assert cli.run(tiny_args(data, out)) == 0
+    printed = capsys.readouterr().out
+    records = read_records(out)
+    assert len(records) == 2 * 2 * 2 * 2  # norms x batches x seeds x epochs
+    keys = {(r["config"], r["norm"], r["batch"], r["seed"], r["sampling"], r["epoch"]) for r in records}
+    assert len(keys) == len(records)
+    for r in records:
+        assert {"train_loss", "train_error", "val_error", "val_loss", "epoch_seconds", "max_rss_bytes",
+                "saved_activation_bytes_per_worker"} <= set(r)
+    assert any("bn_noise" in r for r in records if r["norm"] == "bn")
+    assert not any("bn_noise" in r for r in records if r["norm"] == "gn")
+    summary = (out / "summary.md").read_text()
+    assert "| bn |" in summary and "| gn |" in summary and "N = 4" in summary and "±" in summary
+    assert (out / "figure.png").stat().st_size > 10_000 and (out / "curves.png").stat().st_size > 10_000
+    assert "Verdict: BN's error grows by" in printed and "GN's varies by" in printed
+    assert not (out / ".lock").exists()
+
+    # a second recipe in the same folder never mixes with the first
+    assert cli.run(tiny_args(data, out, "--lr", "0.05", "--seeds", "1")) == 0
+    records2 = read_records(out)
+    assert len({r["config"] for r in records2}) == 2
+    assert len(records2) == len(records) + 2 * 2 * 2
+    summary2 = (out / "summary.md").read_text()
+    assert "(1 seeds)" in summary2 and "±" not in summary2.split("Verdict")[0].split("N = images per worker")[1]
+
+    # everything finished: the same command trains nothing and gives the same table
+    t0 = time.time()
+    assert cli.run(tiny_args(data, out)) == 0
+    assert time.time() - t0 < 30
+    assert len(read_records(out)) == len(records2)
+
+
+@pytest.mark.slow
+def test_resume_after_kill(tmp_path):
+    data = make_idx_folder(tmp_path / "data", n_train=200, n_val=20)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "groupnorm.study.cli", *tiny_args(data, out, "--epochs", "4", "--seeds", "1")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:  # kill -9 once the first run has a finished epoch (a checkpoint) but the study is not done
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(out.glob("runs/*/*/checkpoint.pt")):
+            time.sleep(0.1)
+        assert proc.poll() is None, "the study finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (out / ".lock").exists()  # left behind by the killed study: stale, to be taken over
+    partial = list(out.glob("runs/*/*/records.jsonl"))
+    assert partial and not list(out.glob("runs/*/*/done.json")) or len(list(out.glob("runs/*/*/done.json"))) < 4
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    records = read_records(out)
+    keys = [(r["norm"], r["batch"], r["seed"], r["epoch"]) for r in records]
+    assert len(keys) == len(set(keys)) == 2 * 2 * 4  # no duplicates, nothing missing
+    assert len(list(out.glob("runs/*/*/done.json"))) == 4
+    assert not list(out.glob("runs/*/*/checkpoint.pt"))
+
+
+def test_lock_refuses_a_second_study(tmp_path, capsys):
+    with FolderLock(tmp_path):
+        with pytest.raises(StudyLocked, match=f"another study is writing to {tmp_path}.*pid {os.getpid()}"):
+            FolderLock(tmp_path).acquire()
+        data = make_idx_folder(tmp_path / "data", n_train=64, n_val=20)
+        assert cli.run(tiny_args(data, tmp_path)) == 3
+        assert "another study is writing" in capsys.readouterr().err
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_stale_lock_is_taken_over(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+
+    (tmp_path / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "x"}))
+    lock = FolderLock(tmp_path).acquire()
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_bad_data_path_is_a_clear_error(tmp_path, capsys):
+    assert cli.run(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "missing: no such file or folder" in err and "expected one of" in err
+
+
+def test_help_shows_defaults():
+    proc = subprocess.run([sys.executable, "-m", "groupnorm.study.cli", "--help"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0
+    assert "--batch-sizes" in proc.stdout and "(default: 32,16,8,4,2,1)" in proc.stdout.replace("\n", " ").replace("  ", " ")
