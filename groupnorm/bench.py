@@ -124,11 +124,14 @@ class Timer:
         return (time.perf_counter() - t0) / calls
 
 
-def time_interleaved(fns: dict, timer: Timer, repeats: int, warmup: int, min_sample_s: float = 2e-3) -> dict:
+def time_interleaved(fns: dict, timer: Timer, repeats: int, warmup: int, min_sample_s: float = 2e-3,
+                     budget_s: float = 2.0) -> dict:
     """Median seconds per call of each fn, timed round-robin (A, B, C, A, B, C, ...).
 
     Fast functions are called several times per sample so that one sample lasts about
-    min_sample_s (timer resolution and per-sample noise stay small)."""
+    min_sample_s (timer resolution stays negligible). At least ``repeats`` rounds are
+    run, more (up to 10x) while a round is cheap against ``budget_s``: on a busy machine
+    more rounds make the median robust to preemption."""
     calls = {}
     for name, fn in fns.items():
         for _ in range(max(1, warmup)):
@@ -136,9 +139,12 @@ def time_interleaved(fns: dict, timer: Timer, repeats: int, warmup: int, min_sam
         t = timer(fn)
         calls[name] = max(1, min(1000, int(min_sample_s / max(t, 1e-7))))
     samples = {name: [] for name in fns}
-    for _ in range(repeats):
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < repeats or (rounds < 10 * repeats and (time.perf_counter() - start) * (rounds + 1) / rounds < budget_s):
         for name, fn in fns.items():
             samples[name].append(timer(fn, calls[name]))
+        rounds += 1
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
