@@ -9,11 +9,11 @@ The backend is resolved when the op runs (see ``groupnorm.backends``).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from groupnorm import backends
 from groupnorm.backends.composite import stats_dtype
@@ -51,14 +51,15 @@ def _same_strides_as_empty_like(y: Tensor, x: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- the custom ops
 def _forward_impl(x, weight, bias, num_groups, eps, activation, backend):
+    """(y, stats, name of the backend that ran)."""
     N = x.shape[0]
     if x.numel() == 0:
         stats = torch.zeros(N, num_groups, 3, dtype=stats_dtype(x.dtype), device=x.device)
-        return torch.empty_like(x), stats
+        return torch.empty_like(x), stats, backend
     impl = backends.select(x, activation, backend)
     y, stats = impl.forward(_dense_input(x), weight, bias, num_groups, eps, activation)
     backends.record(impl.name)
-    return _same_strides_as_empty_like(y, x), stats
+    return _same_strides_as_empty_like(y, x), stats, impl.name
 
 
 @torch.library.custom_op("groupnorm::forward", mutates_args=())
@@ -71,7 +72,8 @@ def _forward_op(
     activation: str,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return _forward_impl(x, weight, bias, num_groups, eps, activation, backend)
+    y, stats, _ = _forward_impl(x, weight, bias, num_groups, eps, activation, backend)
+    return y, stats
 
 
 @_forward_op.register_fake
@@ -157,22 +159,35 @@ class _EagerGroupNorm(torch.autograd.Function):
 
     torch.library's Python dispatch costs tens of microseconds per call; eager code does not
     need it, so only traced code (torch.compile, export) goes through the registered ops.
+    The backward runs on the backend that ran the forward.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, num_groups, eps, activation, backend):
-        y, stats = _forward_impl(x, weight, bias, num_groups, eps, activation, backend)
+        y, stats, ran = _forward_impl(x, weight, bias, num_groups, eps, activation, backend)
         ctx.save_for_backward(x, weight, bias, stats)
-        ctx.num_groups, ctx.activation, ctx.backend = num_groups, activation, backend
+        ctx.num_groups, ctx.eps, ctx.activation, ctx.backend = num_groups, eps, activation, ran
         return y
 
     @staticmethod
-    @once_differentiable  # kernels are opaque to autograd: a double backward must fail loudly
     def backward(ctx, dy):
         x, weight, bias, stats = ctx.saved_tensors
         mask = list(ctx.needs_input_grad[:3])
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward, through PyTorch ops
+            return (*_differentiable_grads(ctx, dy, x, weight, bias, mask), None, None, None, None)
         dx, dw, db = _backward_impl(dy, x, weight, bias, stats, ctx.num_groups, ctx.activation, ctx.backend, mask)
         return dx, dw, db, None, None, None, None
+
+
+def _differentiable_grads(ctx, dy, x, weight, bias, mask):
+    """Gradients that autograd can differentiate again (gradient penalties, double backward):
+    the composite forward is recomputed with autograd on and differentiated with create_graph."""
+    from groupnorm.backends.composite import BACKEND as composite
+
+    y, _ = composite.forward(_dense_input(x), weight, bias, ctx.num_groups, ctx.eps, ctx.activation)
+    wanted = [t for t, m in zip((x, weight, bias), mask) if m and t is not None]
+    got = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
+    return [next(got) if (m and t is not None) else None for t, m in zip((x, weight, bias), mask)]
 
 
 # ----------------------------------------------------------------------------- the public function
@@ -210,7 +225,7 @@ def check_inputs(input, num_groups, weight, bias, eps, activation) -> str:
             "convert it first, e.g. input.float()"
         )
     C = input.shape[1]
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+    if isinstance(num_groups, bool) or not isinstance(num_groups, (numbers.Integral, torch.SymInt)):
         raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__} {num_groups!r}")
     if num_groups <= 0 or num_groups > C:
         raise ValueError(f"num_groups must be in [1, C={C}], got {num_groups}; group counts that divide {C}: {divisors(C)}")
@@ -219,7 +234,7 @@ def check_inputs(input, num_groups, weight, bias, eps, activation) -> str:
             f"the input's {C} channels are not divisible by num_groups={num_groups}; "
             f"group counts that work: {divisors(C)} (groupnorm.GroupNorm's policy='divisor' or 'gcd' picks one for you)"
         )
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+    if isinstance(eps, bool) or not isinstance(eps, (numbers.Real, torch.SymFloat, torch.SymInt)) or not (0 < eps < math.inf):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}; the usual value is 1e-5")
     _check_param("weight", weight, input)
     _check_param("bias", bias, input)
@@ -248,12 +263,23 @@ def group_norm(
     by default the ``use_backend`` context, then ``$GROUPNORM_BACKEND``, then "auto".
     """
     act = check_inputs(input, num_groups, weight, bias, eps, activation)
-    name = backend if backend is not None else backends.requested()
+    if not isinstance(num_groups, torch.SymInt):
+        num_groups = int(num_groups)  # numpy integers
+    name = backend or ""  # "" : resolved when the op runs (use_backend context, env var, auto)
     if name and name != "auto" and name not in backends.names():  # no import here: this line is traced
         backends.get(name)  # raises the error that lists the valid names
     if torch.compiler.is_compiling():
-        y, _ = _forward_op(input, weight, bias, num_groups, float(eps), act, name or "")
+        y, _ = _forward_op(input, weight, bias, num_groups, float(eps), act, name)
         return y
+    if _functorch_active():  # vmap / grad / jvp (per-sample gradients): PyTorch ops they can transform
+        from groupnorm.backends.composite import BACKEND as composite
+
+        return composite.forward(_dense_input(input), weight, bias, num_groups, float(eps), act)[0]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
-        return _EagerGroupNorm.apply(input, weight, bias, num_groups, float(eps), act, name or "")
-    return _forward_impl(input, weight, bias, num_groups, float(eps), act, name or "")[0]
+        return _EagerGroupNorm.apply(input, weight, bias, num_groups, float(eps), act, name)
+    return _forward_impl(input, weight, bias, num_groups, float(eps), act, name)[0]
+
+
+def _functorch_active() -> bool:
+    probe = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(probe and probe())

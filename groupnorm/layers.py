@@ -7,7 +7,12 @@ stores, ``reset_parameters`` initializes, ``forward`` calls the functional op.
 
 from __future__ import annotations
 
+import functools
+import math
+import numbers
+
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -15,8 +20,22 @@ from groupnorm.functional import group_norm
 from groupnorm.groups import resolve_groups
 
 
-class GroupNorm(nn.Module):
-    """Drop-in for ``torch.nn.GroupNorm`` (same parameters, buffers and state_dict keys).
+def _layer_group_norm(input, num_channels, num_groups, weight, bias, eps, activation):
+    if input.dim() >= 2 and input.shape[1] != num_channels:
+        raise ValueError(
+            f"GroupNorm(num_channels={num_channels}) got an input with {input.shape[1]} channels "
+            f"(shape {tuple(input.shape)}); the channel axis is dim 1 (N, C, *)"
+        )
+    return group_norm(input, num_groups, weight, bias, eps, activation=activation)
+
+
+# torch.fx.symbolic_trace (and feature extractors built on it) keep this call as one node
+torch.fx.wrap("_layer_group_norm")
+
+
+class GroupNorm(nn.GroupNorm):
+    """Drop-in for ``torch.nn.GroupNorm`` (a subclass: same parameters, state_dict keys,
+    positional arguments and ``isinstance`` checks), running ``groupnorm.group_norm``.
 
     Args:
         num_groups: number of groups G; or None with ``group_size`` given.
@@ -28,6 +47,7 @@ class GroupNorm(nn.Module):
         policy: what to do when C is not divisible: "strict" (error), "divisor", "gcd"
             (see ``groupnorm.groups``). The G actually used is ``self.num_groups``.
         min_group_size: under "divisor"/"gcd", the fewest channels a group may get.
+        device, dtype: of the parameters (positional, as in torch).
     """
 
     __constants__ = ["num_groups", "num_channels", "eps", "affine", "activation"]
@@ -38,57 +58,38 @@ class GroupNorm(nn.Module):
         num_channels: int | None = None,
         eps: float = 1e-5,
         affine: bool = True,
+        device=None,
+        dtype=None,
         *,
         group_size: int | None = None,
         activation: str | None = None,
         policy: str = "strict",
         min_group_size: int = 1,
-        device=None,
-        dtype=None,
     ) -> None:
-        super().__init__()
         if num_channels is None:
             raise TypeError("GroupNorm needs num_channels, e.g. GroupNorm(32, 256) or GroupNorm(num_channels=256, group_size=16)")
-        self.num_groups = resolve_groups(
-            num_channels, num_groups, group_size=group_size, policy=policy, min_group_size=min_group_size
-        )
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"eps must be a positive number, got {eps!r}; the usual value is 1e-5")
+        groups = resolve_groups(num_channels, num_groups, group_size=group_size, policy=policy, min_group_size=min_group_size)
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 < eps < math.inf):
+            raise ValueError(f"eps must be a positive finite number, got {eps!r}; the usual value is 1e-5")
         if activation not in (None, "none", "relu", "silu", "gelu"):
             raise ValueError(f"activation must be None, 'relu', 'silu' or 'gelu', got {activation!r}")
-        self.num_channels = num_channels
+        super().__init__(groups, num_channels, float(eps), affine, device=device, dtype=dtype)
         self.requested_groups = num_groups
         self.group_size = group_size
         self.policy = policy
-        self.eps = float(eps)
-        self.affine = affine
         self.activation = None if activation == "none" else activation
-        if affine:
-            factory = {"device": device, "dtype": dtype}
-            self.weight = nn.Parameter(torch.empty(num_channels, **factory))
-            self.bias = nn.Parameter(torch.empty(num_channels, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.dim() >= 2 and input.shape[1] != self.num_channels:
-            raise ValueError(
-                f"GroupNorm(num_channels={self.num_channels}) got an input with {input.shape[1]} channels "
-                f"(shape {tuple(input.shape)}); the channel axis is dim 1 (N, C, *)"
-            )
-        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation)
+        return _layer_group_norm(
+            input, self.num_channels, self.num_groups, self.weight, self.bias, self.eps, self.activation
+        )
 
     def extra_repr(self) -> str:
         s = f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
         if self.group_size is not None:
             s += f", group_size={self.group_size}"
+            if self.num_channels // self.num_groups != self.group_size:
+                s += f" (used: {self.num_channels // self.num_groups}), policy={self.policy!r}"
         if self.requested_groups is not None and self.requested_groups != self.num_groups:
             s += f", requested_groups={self.requested_groups}, policy={self.policy!r}"
         if self.activation:
@@ -96,44 +97,43 @@ class GroupNorm(nn.Module):
         return s
 
 
-class norm_layer:
-    """A factory usable as ``norm_layer=`` of torchvision/timm-style models.
+_BATCHNORM_ONLY = ("momentum", "track_running_stats")
 
-    ``norm_layer(32)(256)`` builds ``GroupNorm(32, 256)``. Extra keyword arguments at call
-    time (e.g. ``eps`` from timm) override the factory's. Picklable, with a readable repr.
+
+def group_norm_layer(num_channels: int, **kwargs) -> GroupNorm:
+    """Build ``GroupNorm(num_channels=..., **kwargs)``, ignoring BatchNorm-only arguments
+    (``momentum``, ``track_running_stats``) that BN-era model code passes to its norm layer."""
+    for key in _BATCHNORM_ONLY:
+        kwargs.pop(key, None)
+    return GroupNorm(num_channels=num_channels, **kwargs)
+
+
+def norm_layer(
+    num_groups: int | None = None,
+    *,
+    group_size: int | None = None,
+    eps: float = 1e-5,
+    affine: bool = True,
+    activation: str | None = None,
+    policy: str = "strict",
+    min_group_size: int = 1,
+) -> functools.partial:
+    """A ``norm_layer=`` factory for torchvision/timm-style models: called with the channel count.
+
+    ``norm_layer(32)(256)`` builds ``GroupNorm(32, 256)``; ``norm_layer(group_size=16)`` gives 16
+    channels per group in every layer; with neither, G = 32 (the paper's default). Keyword
+    arguments at call time (e.g. ``eps`` from timm) override the factory's. It is a
+    ``functools.partial`` of a plain function, so timm's ``get_norm_layer`` accepts it and it pickles.
     """
-
-    def __init__(
-        self,
-        num_groups: int | None = 32,
-        *,
-        group_size: int | None = None,
-        eps: float = 1e-5,
-        affine: bool = True,
-        activation: str | None = None,
-        policy: str = "strict",
-        min_group_size: int = 1,
-    ) -> None:
-        if group_size is not None:
-            num_groups = None
-        self.kwargs = dict(
-            num_groups=num_groups,
-            group_size=group_size,
-            eps=eps,
-            affine=affine,
-            activation=activation,
-            policy=policy,
-            min_group_size=min_group_size,
-        )
-        resolve_groups(max(num_groups or 1, group_size or 1), num_groups, group_size=group_size, policy="gcd")  # validate early
-
-    def __call__(self, num_channels: int, **overrides) -> GroupNorm:
-        kwargs = {**self.kwargs, **overrides}
-        return GroupNorm(num_channels=num_channels, **kwargs)
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items() if v is not None)
-        return f"groupnorm.norm_layer({args})"
+    if num_groups is not None and group_size is not None:
+        raise ValueError(f"give num_groups or group_size, not both (got {num_groups} and {group_size})")
+    if num_groups is None and group_size is None:
+        num_groups = 32
+    # validate the request now rather than at the first layer
+    resolve_groups(max(num_groups or 1, group_size or 1), num_groups, group_size=group_size, policy="gcd")
+    kwargs = dict(eps=eps, affine=affine, activation=activation, policy=policy, min_group_size=min_group_size)
+    kwargs["num_groups" if group_size is None else "group_size"] = num_groups if group_size is None else group_size
+    return functools.partial(group_norm_layer, **kwargs)
 
 
 # ----------------------------------------------------------------------------- weight standardization

@@ -58,3 +58,33 @@ def test_reference_backend_refuses_non_cpu_devices():
     meta = torch.empty(2, 8, 4, 4, device="meta")
     assert not backends.get("reference").supports(meta, "none")
     assert backends.get("composite").supports(meta, "none")
+
+
+def test_use_backend_is_per_thread(monkeypatch):
+    import threading
+
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def holder():
+        with groupnorm.use_backend("reference"):
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    inside.wait(10)
+    group_norm(X, 2)
+    seen["other thread"] = groupnorm.last_backend()
+    release.set()
+    t.join()
+    assert seen["other thread"] != "reference"
+
+
+def test_context_is_read_at_run_time_inside_compiled_code(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    f = torch.compile(lambda t: group_norm(t, 2), fullgraph=True, backend="aot_eager")
+    f(X)
+    with groupnorm.use_backend("reference"):
+        f(X)
+        assert groupnorm.last_backend() == "reference"

@@ -63,3 +63,18 @@ def test_compile_fullgraph_forward_backward_matches_eager():
         h = compiled_src[0](x)
         f = torch.compile(lambda t: groupnorm.group_norm(t, 4, activation="gelu"), fullgraph=True)
         assert f(h).dtype == torch.bfloat16
+
+
+def test_compile_dynamic_shapes():
+    m = groupnorm.GroupNorm(4, 16, activation="gelu")
+    c = torch.compile(m, dynamic=True, fullgraph=True)
+    for shape in [(2, 16, 5, 5), (3, 16, 7, 4), (1, 16, 9)]:
+        x = torch.randn(shape, requires_grad=True)
+        y = c(x)
+        torch.testing.assert_close(y, m(x), atol=1e-5, rtol=1e-5)
+        (gx,) = torch.autograd.grad(y.sum(), x)
+        (ex,) = torch.autograd.grad(m(x).sum(), x)
+        torch.testing.assert_close(gx, ex, atol=1e-4, rtol=1e-4)
+    f = torch.compile(lambda t: groupnorm.group_norm(t, t.shape[1] // 4), dynamic=True, fullgraph=True)
+    x = torch.randn(2, 8, 3)
+    torch.testing.assert_close(f(x), torch.nn.functional.group_norm(x, 2), atol=1e-5, rtol=1e-5)

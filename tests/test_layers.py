@@ -85,6 +85,38 @@ def test_norm_layer_factory_like_torchvision_and_timm():
         make(48)
 
 
+def test_factory_passes_timms_check_and_ignores_batchnorm_arguments():
+    import functools
+    import types
+
+    make = norm_layer(group_size=8)
+    # timm's get_norm_layer accepts types, strings, plain functions and partials, and re-binds partials
+    assert isinstance(make, (type, str, types.FunctionType, functools.partial))
+    rebound = functools.partial(make.func, **make.keywords)
+    assert rebound(64).num_groups == 8
+    m = make(64, momentum=0.1, track_running_stats=True)  # what BN-era ResNet code passes
+    assert isinstance(m, GroupNorm) and m.num_groups == 8
+    with pytest.raises(ValueError, match="not both"):
+        norm_layer(8, group_size=16)
+    assert norm_layer()(64).num_groups == 32
+
+
+def test_positional_device_dtype_and_isinstance_like_torch():
+    m = GroupNorm(4, 16, 1e-5, True, None, torch.float64)
+    assert m.weight.dtype == torch.float64
+    assert isinstance(m, nn.GroupNorm)
+    assert "group_size=32 (used: 24)" in repr(GroupNorm(num_channels=48, group_size=32, policy="divisor"))
+    with pytest.raises(ValueError, match="eps must be a positive finite"):
+        GroupNorm(2, 4, eps=float("inf"))
+
+
+def test_fx_symbolic_trace():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), GroupNorm(2, 8, activation="relu"))
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(traced(x), model(x))
+
+
 def test_module_deepcopy_and_pickle():
     m = GroupNorm(4, 16, activation="silu")
     m2 = pickle.loads(pickle.dumps(copy.deepcopy(m)))

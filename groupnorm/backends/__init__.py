@@ -58,8 +58,7 @@ _AUTO_ORDER = {
     "cuda": ("triton", "composite"),
 }
 _loaded: dict = {}
-_forced: list[str] = []  # stack of use_backend() names
-_last = threading.local()
+_local = threading.local()  # per thread: .forced (stack of use_backend names), .last
 
 
 def names() -> tuple[str, ...]:
@@ -85,27 +84,40 @@ def available() -> dict[str, str | None]:
     return {name: get(name).available() for name in _MODULES}
 
 
+def _stack() -> list:
+    stack = getattr(_local, "forced", None)
+    if stack is None:
+        stack = _local.forced = []
+    return stack
+
+
 def requested() -> str:
-    """The name forced by the innermost use_backend() context, or "" if none."""
-    return _forced[-1] if _forced else ""
+    """The name forced by this thread's innermost use_backend() context, or "" if none."""
+    stack = _stack()
+    return stack[-1] if stack else ""
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Force a backend inside a ``with`` block: ``with groupnorm.use_backend("composite"): ...``."""
+    """Force a backend inside a ``with`` block: ``with groupnorm.use_backend("composite"): ...``.
+
+    Read when the op runs (also inside compiled code), per thread.
+    """
     if name != "auto":
         get(name)  # fail early on a typo
-    _forced.append(name)
+    stack = _stack()
+    stack.append(name)
     try:
         yield
     finally:
-        _forced.pop()
+        stack.pop()
 
 
 def select(x, activation: str, name: str = ""):
-    """Resolve ``name`` ("" or "auto" for automatic; the env var fills in "") to a backend for x."""
+    """Resolve ``name`` to a backend for x: the argument, else this thread's use_backend()
+    context, else $GROUPNORM_BACKEND, else "auto"."""
     if not name:
-        name = os.environ.get(ENV_VAR, "").strip() or "auto"
+        name = requested() or os.environ.get(ENV_VAR, "").strip() or "auto"
     if name != "auto":
         backend = get(name)
         reason = backend.available()
@@ -125,12 +137,12 @@ def select(x, activation: str, name: str = ""):
 
 
 def record(name: str) -> None:
-    _last.name = name
+    _local.last = name
 
 
 def last_backend() -> str | None:
     """Name of the backend that ran the most recent group_norm call in this thread (forward or backward)."""
-    return getattr(_last, "name", None)
+    return getattr(_local, "last", None)
 
 
 class _Unavailable:
