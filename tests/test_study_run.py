@@ -50,13 +50,14 @@ def test_tiny_study_end_to_end(tmp_path, capsys):
     assert "Verdict: BN's error grows by" in printed and "GN's varies by" in printed
     assert not (out / ".lock").exists()
 
-    # a second recipe in the same folder never mixes with the first
-    assert cli.run(tiny_args(data, out, "--lr", "0.05", "--seeds", "1")) == 0
+    # a second recipe in the same folder never mixes with the first; both worker-sampling regimes
+    assert cli.run(tiny_args(data, out, "--lr", "0.05", "--seeds", "1", "--worker-sampling", "iid,class")) == 0
     records2 = read_records(out)
     assert len({r["config"] for r in records2}) == 2
-    assert len(records2) == len(records) + 2 * 2 * 2
+    assert len(records2) == len(records) + 2 * 2 * 2 * 2
     summary2 = (out / "summary.md").read_text()
     assert "(1 seeds)" in summary2 and "±" not in summary2.split("Verdict")[0].split("N = images per worker")[1]
+    assert "| bn (class-sorted workers) |" in summary2 and "Verdict (class-sorted workers)" in summary2
 
     # everything finished: the same command trains nothing and gives the same table
     t0 = time.time()

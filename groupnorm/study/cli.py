@@ -22,10 +22,10 @@ from pathlib import Path
 
 # The default study, chosen by measurement (docs/study.md): it finishes within 15 minutes on a
 # quiet 2-core CPU and shows the paper's finding. --quick is a first picture in about a minute.
-DEFAULT = dict(norms="bn,gn", batch_sizes="32,16,8,4,2,1", workers=4, epochs=6, seeds=3, lr=0.1,
-               train_size=8000, val_size=2000, width=16, blocks=1)
-QUICK = dict(norms="bn,gn", batch_sizes="32,8,2", workers=4, epochs=2, seeds=1, lr=0.1,
-             train_size=2000, val_size=1000, width=16, blocks=1)
+DEFAULT = dict(norms="bn,gn", batch_sizes="32,16,8,4,2,1", workers=8, epochs=8, seeds=3, lr=0.4,
+               train_size=10000, val_size=2000, width=16, blocks=1, stem_stride=2)
+QUICK = dict(norms="bn,gn", batch_sizes="32,8,2", workers=4, epochs=4, seeds=1, lr=0.4,
+             train_size=4000, val_size=1000, width=16, blocks=1, stem_stride=2)
 
 
 def _int_list(text: str) -> list[int]:
@@ -81,6 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="use a class-stratified subset of this many validation images (0: all)")
     p.add_argument("--width", type=int, default=d["width"], help="resnet-small: channels of the first stage")
     p.add_argument("--blocks", type=int, default=d["blocks"], help="resnet-small: residual blocks per stage")
+    p.add_argument("--stem-stride", type=int, default=d["stem_stride"], choices=[1, 2],
+                   help="resnet-small: stride of the 3x3 stem (2 quarters the cost and shrinks the feature maps)")
     p.add_argument("--groups", type=int, default=32, help="GN groups G (lowered for narrow layers, see next)")
     p.add_argument("--min-group-channels", type=int, default=8,
                    help="GN never puts fewer channels than this in a group (keeps narrow layers from becoming IN)")
@@ -133,7 +135,7 @@ def main(args: argparse.Namespace) -> int:
         args.final_epochs = args.epochs
 
     recipe = Recipe(data=str(args.data), train_size=args.train_size, val_size=args.val_size,
-                    image_size=args.image_size, model=args.model, width=args.width, blocks=args.blocks,
+                    image_size=args.image_size, model=args.model, width=args.width, blocks=args.blocks, stem_stride=args.stem_stride,
                     groups=args.groups, min_group_channels=args.min_group_channels, workers=args.workers,
                     epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                     final_epochs=args.final_epochs, augment=args.augment)
@@ -163,6 +165,11 @@ def main(args: argparse.Namespace) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
             lock.acquire()
         wall = study.run(jobs=jobs, resume=not args.no_resume, progress=not args.no_progress, threads=args.threads)
+        if d.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
         if not d.is_main:
             return 0
         records = study.collect()

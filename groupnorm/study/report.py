@@ -249,6 +249,8 @@ def curves(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
     batches = sorted({k[2] for k in results}, reverse=True)
     keys = sorted({(k[0], k[1]) for k in results})
     cols = min(3, len(batches))
@@ -269,6 +271,9 @@ def curves(results: dict, path: Path) -> None:
         ax.set_title(f"N = {b} per worker")
         ax.set_xlabel("epoch")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3, which="both")
     for ax in axes.flat[len(batches):]:
         ax.axis("off")
