@@ -160,9 +160,36 @@ def _dsilu(z, k):
     return s * (k[1] + z * (k[1] - s))
 
 
-@njit(**_SERIAL)
-def _dgelu(z, k):
-    return k[2] * (k[1] + _verf(z * k[3])) + z * (_vexp(-k[2] * z * z) * k[4])
+def _dgelu(z, k):  # pragma: no cover - replaced by the overload inside numba code
+    raise NotImplementedError
+
+
+@overload(_dgelu, jit_options=dict(error_model="numpy"))
+def _dgelu_impl(z, k):
+    """GELU'(z) = Phi(z) + z phi(z). For float32 one exp(-z^2/2) serves both the erf of
+    Phi (A&S 7.1.26 evaluates erf(u) with exp(-u^2), u = z/sqrt 2) and the density phi."""
+    if z == types.float32:
+
+        def dgelu_f32(z, k):
+            u = z * np.float32(0.7071067811865476)
+            au = -u if u < np.float32(0.0) else u
+            e = _vexp(np.float32(-0.5) * z * z)
+            t = np.float32(1.0) / (np.float32(1.0) + np.float32(0.3275911) * au)
+            p = np.float32(1.061405429)
+            p = p * t + np.float32(-1.453152027)
+            p = p * t + np.float32(1.421413741)
+            p = p * t + np.float32(-0.284496736)
+            p = p * t + np.float32(0.254829592)
+            erf = np.float32(1.0) - p * t * e
+            erf = -erf if u < np.float32(0.0) else erf
+            return np.float32(0.5) * (np.float32(1.0) + erf) + z * e * np.float32(0.3989422804014327)
+
+        return dgelu_f32
+
+    def dgelu_any(z, k):
+        return k[2] * (k[1] + math.erf(z * k[3])) + z * (np.exp(-k[2] * z * z) * k[4])
+
+    return dgelu_any
 
 
 @njit(**_SERIAL)
