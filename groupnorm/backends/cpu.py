@@ -214,50 +214,73 @@ def _shifted_sums(xs, shift):
 # row. Indices are made unsigned so numba drops its negative-index wraparound, which
 # would otherwise keep LLVM from vectorizing; one call covers a whole group, so short
 # rows (7x7 maps) do not pay a call per row.
+_BLOCK = 256  # row elements summed in the input dtype before a float64 accumulation
+
+
 @njit(**_REDUCE)
+def _row_grad_sums(dy, x, gs, lo, e0, e1, mh, a, b, act, k):
+    """(sum g, sum g * (x - mh)) over positions e0..e1 of the row at lo, accumulated in the
+    input dtype (a block of at most _BLOCK elements: full-width SIMD lanes, no float64
+    conversions); g = dy * act'(z), z = (x - mh) * a + b from non-reassociating helpers;
+    SiLU/GELU park g in gs."""
+    s = k[0]
+    t = k[0]
+    if act == 1:
+        for i in range(e0, e1):
+            j = np.uint64(lo + i)
+            d = x[j] - mh
+            g = dy[j] if _affine(x[j], mh, a, b) > k[0] else k[0]
+            s += g
+            t += g * d
+    elif act == 2:
+        for i in range(e0, e1):
+            j = np.uint64(lo + i)
+            g = dy[j] * _dsilu(_affine(x[j], mh, a, b), k)
+            gs[j] = g
+            s += g
+            t += g * (x[j] - mh)
+    else:
+        for i in range(e0, e1):
+            j = np.uint64(lo + i)
+            g = dy[j] * _dgelu(_affine(x[j], mh, a, b), k)
+            gs[j] = g
+            s += g
+            t += g * (x[j] - mh)
+    return np.float64(s), np.float64(t)
+
+
+@njit(**_REDUCE)
+def _row_sums_plain(dy, x, lo, e0, e1, mh, k):
+    """_row_grad_sums without an activation (kept small so that LLVM inlines it)."""
+    s = k[0]
+    t = k[0]
+    for i in range(e0, e1):
+        j = np.uint64(lo + i)
+        g = dy[j]
+        s += g
+        t += g * (x[j] - mh)
+    return np.float64(s), np.float64(t)
+
+
+@njit(**_SERIAL)
 def _nc_grad_sums(dy, x, gs, cf, A, B, po, n, c0, c1, s0, s1, C, S, act, k):
-    """A[po + j] = sum g, B[po + j] = sum g * (x - mh) over row c0 + j, with g = dy * act'(z),
-    z = (x - mh) * a + b (from non-reassociating helpers); SiLU/GELU park g in gs."""
+    """A[po + j] = sum g, B[po + j] = sum g * (x - mh) over row c0 + j (positions s0..s1),
+    blocks of _BLOCK in the input dtype added up in float64."""
     base = n * 6 * C
     for c in range(c0, c1):
         mh = cf[base + c]
         a = cf[base + C + c]
         b = cf[base + 2 * C + c]
-        mh64 = np.float64(mh)
         lo = (n * C + c) * S
         s = 0.0
         t = 0.0
-        if act == 0:
-            for i in range(s0, s1):
-                j = np.uint64(lo + i)
-                g = np.float64(dy[j])
-                s += g
-                t += g * (np.float64(x[j]) - mh64)
-        elif act == 1:
-            for i in range(s0, s1):
-                j = np.uint64(lo + i)
-                xv = x[j]
-                g = np.float64(dy[j]) if _affine(xv, mh, a, b) > k[0] else 0.0
-                s += g
-                t += g * (np.float64(xv) - mh64)
-        elif act == 2:
-            for i in range(s0, s1):
-                j = np.uint64(lo + i)
-                xv = x[j]
-                gv = dy[j] * _dsilu(_affine(xv, mh, a, b), k)
-                gs[j] = gv
-                g = np.float64(gv)
-                s += g
-                t += g * (np.float64(xv) - mh64)
-        else:
-            for i in range(s0, s1):
-                j = np.uint64(lo + i)
-                xv = x[j]
-                gv = dy[j] * _dgelu(_affine(xv, mh, a, b), k)
-                gs[j] = gv
-                g = np.float64(gv)
-                s += g
-                t += g * (np.float64(xv) - mh64)
+        for e0 in range(s0, s1, _BLOCK):
+            if act == 0:
+                ds, dt = _row_sums_plain(dy, x, lo, e0, min(e0 + _BLOCK, s1), mh, k)
+            else:
+                ds, dt = _row_grad_sums(dy, x, gs, lo, e0, min(e0 + _BLOCK, s1), mh, a, b, act, k)
+            s += ds
+            t += dt
         A[po + c - c0] = s
         B[po + c - c0] = t
 
