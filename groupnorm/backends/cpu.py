@@ -516,15 +516,28 @@ def _backward_nc(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
 
 
 # ----------------------------------------------------------------------------- channels-last (N, S, C)
+_CL_ROWS = 64  # rows accumulated in the input dtype before a float64 accumulation
+
+
 @njit(**_SERIAL)
 def _cl_stat_rows(x, s1, s2, shift, xo, slo, shi, C):
-    """s1[c] += sum d, s2[c] += sum d*d over rows slo..shi of the sample at x[xo:], d = x - shift[c]."""
-    for s in range(slo, shi):
-        xr = x[xo + s * C:xo + (s + 1) * C]
+    """s1[c] += sum d, s2[c] += sum d*d over rows slo..shi of the sample at x[xo:], with
+    d = x - shift[c] (shift in x's dtype); blocks of _CL_ROWS rows are summed in x's dtype
+    (full SIMD width), then added in float64."""
+    a1 = np.empty(C, x.dtype)
+    a2 = np.empty(C, x.dtype)
+    for r0 in range(slo, shi, _CL_ROWS):
+        a1[:] = 0
+        a2[:] = 0
+        for s in range(r0, min(r0 + _CL_ROWS, shi)):
+            xr = x[xo + s * C:xo + (s + 1) * C]
+            for c in range(C):
+                d = xr[c] - shift[c]
+                a1[c] += d
+                a2[c] += d * d
         for c in range(C):
-            d = np.float64(xr[c]) - shift[c]
-            s1[c] += d
-            s2[c] += d * d
+            s1[c] += np.float64(a1[c])
+            s2[c] += np.float64(a2[c])
 
 
 @njit(**_SERIAL)
@@ -549,39 +562,46 @@ def _cl_normalize_rows(x, y, mh, a, b, xo, slo, shi, C, act, k):
 
 @njit(**_SERIAL)
 def _cl_grad_rows(dy, x, dx, sg, sgd, mh, a, b, xo, slo, shi, C, act, k):
-    """sg[c] += sum g, sgd[c] += sum g * (x - mh[c]); g parked in dx for SiLU/GELU."""
-    for s in range(slo, shi):
-        xr = x[xo + s * C:xo + (s + 1) * C]
-        dyr = dy[xo + s * C:xo + (s + 1) * C]
-        if act == 0:
-            for c in range(C):
-                g = np.float64(dyr[c])
-                sg[c] += g
-                sgd[c] += g * (np.float64(xr[c]) - np.float64(mh[c]))
-        elif act == 1:
-            for c in range(C):
-                xv = xr[c]
-                g = np.float64(dyr[c]) if _affine(xv, mh[c], a[c], b[c]) > k[0] else 0.0
-                sg[c] += g
-                sgd[c] += g * (np.float64(xv) - np.float64(mh[c]))
-        elif act == 2:
-            dxr = dx[xo + s * C:xo + (s + 1) * C]
-            for c in range(C):
-                xv = xr[c]
-                gv = dyr[c] * _dsilu(_affine(xv, mh[c], a[c], b[c]), k)
-                dxr[c] = gv
-                g = np.float64(gv)
-                sg[c] += g
-                sgd[c] += g * (np.float64(xv) - np.float64(mh[c]))
-        else:
-            dxr = dx[xo + s * C:xo + (s + 1) * C]
-            for c in range(C):
-                xv = xr[c]
-                gv = dyr[c] * _dgelu(_affine(xv, mh[c], a[c], b[c]), k)
-                dxr[c] = gv
-                g = np.float64(gv)
-                sg[c] += g
-                sgd[c] += g * (np.float64(xv) - np.float64(mh[c]))
+    """sg[c] += sum g, sgd[c] += sum g * (x - mh[c]); g parked in dx for SiLU/GELU.
+    Blocks of _CL_ROWS rows are summed in x's dtype, then added in float64."""
+    ag = np.empty(C, x.dtype)
+    at = np.empty(C, x.dtype)
+    for r0 in range(slo, shi, _CL_ROWS):
+        ag[:] = 0
+        at[:] = 0
+        for s in range(r0, min(r0 + _CL_ROWS, shi)):
+            xr = x[xo + s * C:xo + (s + 1) * C]
+            dyr = dy[xo + s * C:xo + (s + 1) * C]
+            if act == 0:
+                for c in range(C):
+                    g = dyr[c]
+                    ag[c] += g
+                    at[c] += g * (xr[c] - mh[c])
+            elif act == 1:
+                for c in range(C):
+                    xv = xr[c]
+                    g = dyr[c] if _affine(xv, mh[c], a[c], b[c]) > k[0] else k[0]
+                    ag[c] += g
+                    at[c] += g * (xv - mh[c])
+            elif act == 2:
+                dxr = dx[xo + s * C:xo + (s + 1) * C]
+                for c in range(C):
+                    xv = xr[c]
+                    g = dyr[c] * _dsilu(_affine(xv, mh[c], a[c], b[c]), k)
+                    dxr[c] = g
+                    ag[c] += g
+                    at[c] += g * (xv - mh[c])
+            else:
+                dxr = dx[xo + s * C:xo + (s + 1) * C]
+                for c in range(C):
+                    xv = xr[c]
+                    g = dyr[c] * _dgelu(_affine(xv, mh[c], a[c], b[c]), k)
+                    dxr[c] = g
+                    ag[c] += g
+                    at[c] += g * (xv - mh[c])
+        for c in range(C):
+            sg[c] += np.float64(ag[c])
+            sgd[c] += np.float64(at[c])
 
 
 @njit(**_SERIAL)
@@ -605,10 +625,10 @@ def _cl_dx_rows(dy, x, dx, mh, a, b, p, q, r, xo, slo, shi, C, act, k):
 
 @njit(**_SERIAL)
 def _cl_shifts(x, xo, C, Cg):
-    """Per-channel shift: the first element (s = 0) of the channel's group."""
-    shift = np.empty(C)
+    """Per-channel shift: the first element (s = 0) of the channel's group, in x's dtype."""
+    shift = np.empty(C, x.dtype)
     for c in range(C):
-        shift[c] = np.float64(x[xo + (c // Cg) * Cg])
+        shift[c] = x[xo + (c // Cg) * Cg]
     return shift
 
 
@@ -657,7 +677,7 @@ def _forward_cl(x, y, w, b, st, N, C, S, G, eps, act, nch):
                 for c in range(g * Cg, (g + 1) * Cg):
                     t1 += acc1[c]
                     t2 += acc2[c]
-                _finish_stats(st, n * G + g, t1, t2, M, shift[g * Cg], eps)
+                _finish_stats(st, n * G + g, t1, t2, M, np.float64(shift[g * Cg]), eps)
                 _affine_coefs(cf, st, n, g, C, Cg, w, b)
         else:
             n = it // nch
