@@ -408,7 +408,7 @@ def machine_info(device: str) -> dict:
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "command": "groupnorm bench " + " ".join(sys.argv[1:]) if sys.argv and "bench" in sys.argv else "",
+        "command": "groupnorm " + " ".join(sys.argv[1:]) if "bench" in sys.argv[1:2] else "",
     }
     try:
         import numba
