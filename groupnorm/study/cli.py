@@ -16,6 +16,7 @@ N = 32..1. Interrupt it at any time; the same command resumes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -147,6 +148,8 @@ def main(args: argparse.Namespace) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if recipe.data == "default":  # name what "default" resolved to, so a fallback never shares a hash
+        recipe = dataclasses.replace(recipe, data=ds.name)
     if len(ds.train_y) < args.workers * max(args.batch_sizes):
         print(f"error: {len(ds.train_y)} training images are fewer than one global batch "
               f"({args.workers} x {max(args.batch_sizes)})", file=sys.stderr)

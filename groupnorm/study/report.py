@@ -305,8 +305,10 @@ def write_report(records: list[dict], config: str, recipe: dict, out: Path, wall
     if data_description:
         md += [f"Data: {data_description}", ""]
     md += ["Recipe (shared by every run; LR = lr x N/32): " + ", ".join(f"{k}={v}" for k, v in recipe.items()), ""]
+    seeds = sorted({s["seeds"] for s in summary.values()})
+    seed_note = f"{seeds[0]} seeds" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]} seeds per cell; no ± = one seed"
     md += [f"Validation error (%), median of the last {recipe['final_epochs']} epochs, mean ± sample std over "
-           f"seeds ({max(s['seeds'] for s in summary.values())} seeds); N = images per worker:", "",
+           f"seeds ({seed_note}); N = images per worker:", "",
            markdown_table(summary), ""]
     md += [*verdicts, ""]
     targets = paper_targets(summary)
