@@ -39,6 +39,14 @@ def test_worker_bn_equals_bn_on_each_chunk():
     torch.testing.assert_close(wbn(x), refs[0](x))
 
 
+def test_worker_bn_without_affine_or_running_stats():
+    torch.manual_seed(1)
+    x = torch.randn(6, 4, 3, 5) * 2 - 1
+    wbn = WorkerBatchNorm2d(4, workers=3, affine=False, track_running_stats=False)
+    ref = torch.cat([nn.functional.batch_norm(c, None, None, training=True) for c in x.chunk(3)])
+    torch.testing.assert_close(wbn(x), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_worker_bn_needs_whole_workers():
     with pytest.raises(ValueError, match="does not split into 4 workers"):
         WorkerBatchNorm2d(3, workers=4)(torch.randn(6, 3, 4, 4))
@@ -65,6 +73,18 @@ def test_small_resnet_builds_for_every_norm(norm):
     last = {id(b.last_norm) for b in model.modules() if hasattr(b, "last_norm")}
     for m in norms:
         assert torch.all(m.weight == (0.0 if id(m) in last else 1.0))
+
+
+@pytest.mark.parametrize("stride, sizes", [(1, [28, 14, 7]), (2, [14, 7, 4]), (4, [7, 4, 2])])
+def test_small_resnet_stem_stride_sets_the_feature_maps(stride, sizes):
+    model = build_model("resnet-small", "gn", in_channels=1, num_classes=10, image_size=28, stem_stride=stride)
+    seen = []
+    for block in model.layers:
+        block.register_forward_hook(lambda m, a, out: seen.append(out.shape[-1]))
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert seen == sizes
+    stem = model.stem[0]
+    assert (stem.kernel_size, stem.stride) == (((4, 4), (4, 4)) if stride == 4 else ((3, 3), (stride, stride)))
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])

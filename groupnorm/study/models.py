@@ -55,20 +55,22 @@ class WorkerBatchNorm2d(nn.BatchNorm2d):
         b, c, h, w = x.shape
         if b % self.workers:
             raise ValueError(f"batch of {b} images does not split into {self.workers} workers")
-        n = b // self.workers
-        xw = x.reshape(self.workers, n, c, h, w)
-        var, mean = torch.var_mean(xw, dim=(1, 3, 4), keepdim=True, correction=0)
-        y = ((xw - mean) * torch.rsqrt(var + self.eps)).reshape(b, c, h, w)
-        with torch.no_grad():
-            count = n * h * w
-            unbiased = var.reshape(self.workers, c) * (count / max(count - 1, 1))
-            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
-            self.running_mean.lerp_(mean.reshape(self.workers, c).mean(0), m)
-            self.running_var.lerp_(unbiased.mean(0), m)
-            self.num_batches_tracked += 1
-        if self.affine:
-            y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
-        return y
+        W, n = self.workers, b // self.workers
+        # (W, n, C, H, W') -> (n, W*C, H, W'): ATen's fused batch norm then takes the statistics of
+        # each (worker, channel) over (n, H, W'), i.e. each worker's own BN, in one kernel each way
+        xw = x.reshape(W, n, c, h, w).transpose(0, 1).reshape(n, W * c, h, w)
+        rm = self.running_mean.repeat(W) if self.track_running_stats else None
+        rv = self.running_var.repeat(W) if self.track_running_stats else None
+        m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
+        weight = self.weight.repeat(W) if self.affine else None
+        bias = self.bias.repeat(W) if self.affine else None
+        y = F.batch_norm(xw, rm, rv, weight, bias, training=True, momentum=m, eps=self.eps)
+        if self.track_running_stats:
+            with torch.no_grad():  # the EMA is linear: averaging the workers' buffers = one EMA of the averages
+                self.running_mean.copy_(rm.view(W, c).mean(0))
+                self.running_var.copy_(rv.view(W, c).mean(0))
+                self.num_batches_tracked += 1
+        return y.reshape(n, W, c, h, w).transpose(0, 1).reshape(b, c, h, w)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", workers={self.workers}"
@@ -187,15 +189,17 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """A ResNet: stem, stages of residual blocks, global average pool, linear classifier.
 
-    ``small_stem`` (3x3 conv, stride ``stem_stride``) suits 28-32 px images; otherwise the
-    ImageNet stem (7x7 stride 2 + max pool) is used.
+    ``small_stem`` (3x3 conv, stride ``stem_stride`` 1 or 2; a 4x4 "patchify" conv for stride 4)
+    suits 28-32 px images; otherwise the ImageNet stem (7x7 stride 2 + max pool) is used.
     """
 
     def __init__(self, block, blocks_per_stage, widths, in_channels, num_classes, norm, conv, small_stem=True,
                  stem_stride=1):
         super().__init__()
         stem_width = widths[0] if block is BasicBlock else 64
-        if small_stem:
+        if small_stem and stem_stride == 4:  # patchify: 4x4 convolution, stride 4 (28 px -> 7x7 maps)
+            self.stem = nn.Sequential(conv(in_channels, stem_width, 4, 4, 0, bias=False), norm(stem_width), nn.ReLU())
+        elif small_stem:
             self.stem = nn.Sequential(conv(in_channels, stem_width, 3, stem_stride, 1, bias=False), norm(stem_width),
                                       nn.ReLU())
         else:
