@@ -82,15 +82,16 @@ def _forward_fake(x, weight, bias, num_groups, eps, activation, backend):
     return torch.empty_like(x), stats
 
 
-def _backward_impl(dy, x, weight, bias, stats, num_groups, activation, backend, output_mask):
-    """dx, dweight, dbias; an entry not asked for (or whose parameter is None) is None."""
+def _backward_impl(dy, x, weight, bias, stats, num_groups, activation, backend, output_mask, ran=False):
+    """dx, dweight, dbias; an entry not asked for (or whose parameter is None) is None.
+    ``ran``: ``backend`` is the name of the backend that ran the forward (no selection needed)."""
     need_dx, need_dw, need_db = output_mask
     need_dw = need_dw and weight is not None
     need_db = need_db and bias is not None
     dx = dw = db = None
     if x.numel() > 0:
         xd = _dense_input(x)
-        impl = backends.select(xd, activation, backend)
+        impl = backends.ran(backend) if ran else backends.select(xd, activation, backend)
         dx, dw, db = impl.backward(
             _match_layout(dy, xd), xd, weight, bias, stats, num_groups, activation, [need_dx, need_dw, need_db]
         )
@@ -175,7 +176,8 @@ class _EagerGroupNorm(torch.autograd.Function):
         mask = list(ctx.needs_input_grad[:3])
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward, through PyTorch ops
             return (*_differentiable_grads(ctx, dy, x, weight, bias, mask), None, None, None, None)
-        dx, dw, db = _backward_impl(dy, x, weight, bias, stats, ctx.num_groups, ctx.activation, ctx.backend, mask)
+        dx, dw, db = _backward_impl(dy, x, weight, bias, stats, ctx.num_groups, ctx.activation, ctx.backend, mask,
+                                    ran=True)
         return dx, dw, db, None, None, None, None
 
 

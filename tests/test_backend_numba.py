@@ -202,10 +202,31 @@ def test_batch1_uses_split_reduction(layout):
     prev = numba.get_num_threads()
     try:
         numba.set_num_threads(2)
-        threads, chunks = cpu._plan(shape[0], shape[1], 128 * 128, G, layout == "channels_last")
+        threads, chunks = cpu._plan(shape[0], shape[1], 128 * 128, G, layout == "channels_last", cpu._get_threads())
         assert threads == 2 and chunks > 1, "a batch-1 shape should split its reduction into chunks"
         x, w, b, dy = make(shape, torch.float64, layout)
         check_against_reference(x, w, b, dy, G, "relu")
+    finally:
+        numba.set_num_threads(prev)
+
+
+def test_thread_count_fast_path_follows_numba():
+    """The lock-free thread-count accessors agree with numba's public calls, and a small tensor's
+    one-thread run restores the caller's setting."""
+    import numba
+
+    prev = numba.get_num_threads()
+    try:
+        for n in range(1, numba.config.NUMBA_NUM_THREADS + 1):
+            numba.set_num_threads(n)
+            assert cpu._get_threads() == n
+            cpu._set_threads(1)
+            assert numba.get_num_threads() == 1
+            cpu._set_threads(n)
+            assert numba.get_num_threads() == n
+            x = torch.randn(2, 4, 3, 3)  # small: runs on one thread
+            BACKEND.forward(x, None, None, 2, 1e-5, "none")
+            assert numba.get_num_threads() == n
     finally:
         numba.set_num_threads(prev)
 

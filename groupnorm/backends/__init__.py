@@ -58,6 +58,7 @@ _AUTO_ORDER = {
     "cuda": ("triton", "composite"),
 }
 _loaded: dict = {}
+_auto_choice: dict = {}  # (device type, dtype, activation) -> backend name picked by "auto"
 _local = threading.local()  # per thread: .forced (stack of use_backend names), .last
 
 
@@ -117,7 +118,8 @@ def select(x, activation: str, name: str = ""):
     """Resolve ``name`` to a backend for x: the argument, else this thread's use_backend()
     context, else $GROUPNORM_BACKEND, else "auto"."""
     if not name:
-        name = requested() or os.environ.get(ENV_VAR, "").strip() or "auto"
+        stack = getattr(_local, "forced", None)
+        name = (stack[-1] if stack else "") or os.environ.get(ENV_VAR, "").strip() or "auto"
     if name != "auto":
         backend = get(name)
         reason = backend.available()
@@ -129,11 +131,23 @@ def select(x, activation: str, name: str = ""):
                 f"use backend='auto' or one of: {', '.join(n for n in _MODULES if get(n).available() is None and get(n).supports(x, activation))}"
             )
         return backend
-    for candidate in _AUTO_ORDER.get(x.device.type, ()) + ("composite",):
-        backend = get(candidate)
-        if backend.available() is None and backend.supports(x, activation):
-            return backend
-    raise RuntimeError(f"no groupnorm backend supports {x.dtype} input on {x.device}")  # pragma: no cover
+    # what auto picks depends only on (device type, dtype, activation): decided once per process
+    key = ("cpu" if x.is_cpu else x.device.type, x.dtype, activation)
+    chosen = _auto_choice.get(key)
+    if chosen is None:
+        for candidate in _AUTO_ORDER.get(key[0], ()) + ("composite",):
+            backend = get(candidate)
+            if backend.available() is None and backend.supports(x, activation):
+                chosen = _auto_choice[key] = candidate
+                break
+        else:  # pragma: no cover - composite supports every float input
+            raise RuntimeError(f"no groupnorm backend supports {x.dtype} input on {x.device}")
+    return _loaded[chosen] if chosen in _loaded else get(chosen)
+
+
+def ran(name: str):
+    """The backend called ``name`` that already ran this op's forward (so is usable for its input)."""
+    return _loaded[name] if name in _loaded else get(name)
 
 
 def record(name: str) -> None:

@@ -36,6 +36,7 @@ from llvmlite import ir as llvm_ir
 from numba import njit, prange
 from numba.core import types
 from numba.extending import intrinsic, overload
+from numba.np.ufunc import parallel as _numba_parallel
 
 ACT_CODES = {"none": 0, "relu": 1, "silu": 2, "gelu": 3}
 
@@ -792,12 +793,30 @@ def _param(p, C: int, fill: float, dtype: torch.dtype) -> np.ndarray:
     return p.detach().numpy()
 
 
-def _plan(N: int, C: int, S: int, G: int, channels_last: bool) -> tuple[int, int]:
-    """(threads, chunks): chunks is 0 for one item per group (contiguous) / per sample
-    (channels-last), else the number of chunks each S extent is split into. Small tensors
-    run on one thread: waking a team costs more than they take (and on a busy machine a
-    descheduled worker stalls the whole call)."""
-    T = numba.get_num_threads()
+def _get_threads() -> int:
+    """numba.get_num_threads() (this thread's setting), without the process and thread locks
+    that the public call takes every time (microseconds per call) once the pool is running."""
+    if getattr(_numba_parallel, "_is_initialized", False):
+        fast = getattr(_numba_parallel, "_get_num_threads", None)
+        if fast is not None:
+            return fast()
+    return numba.get_num_threads()
+
+
+def _set_threads(n: int) -> None:
+    """numba.set_num_threads(n) for an n already known valid, with the same fast path."""
+    fast = getattr(_numba_parallel, "_set_num_threads", None)
+    if getattr(_numba_parallel, "_is_initialized", False) and fast is not None:
+        fast(n)
+    else:
+        numba.set_num_threads(n)
+
+
+def _plan(N: int, C: int, S: int, G: int, channels_last: bool, T: int) -> tuple[int, int]:
+    """(threads, chunks) for a caller running with T numba threads: chunks is 0 for one item
+    per group (contiguous) / per sample (channels-last), else the number of chunks each S
+    extent is split into. Small tensors run on one thread: waking a team costs more than they
+    take (and on a busy machine a descheduled worker stalls the whole call)."""
     if N * C * S < _MIN_PARALLEL_ELEMS:
         T = 1
     if split_mode == "fused":
@@ -812,16 +831,14 @@ def _plan(N: int, C: int, S: int, G: int, channels_last: bool) -> tuple[int, int
     return T, max(1, min(-(-8 * T // (N * C)), S // 4096))
 
 
-def _run(kernel, threads: int, *args):
+def _run(kernel, threads: int, caller_threads: int, *args):
     """Call a parallel kernel with ``threads`` numba threads (restoring the caller's setting)."""
-    if threads == 1:
-        prev = numba.get_num_threads()
-        if prev != 1:
-            numba.set_num_threads(1)
-            try:
-                return kernel(*args)
-            finally:
-                numba.set_num_threads(prev)
+    if threads != caller_threads:
+        _set_threads(threads)
+        try:
+            return kernel(*args)
+        finally:
+            _set_threads(caller_threads)
     return kernel(*args)
 
 
@@ -847,9 +864,10 @@ class NumbaBackend:
         if xk.numel() == 0:
             return y.to(x.dtype), stats.zero_()
         cl = _is_channels_last(xk)
-        threads, nch = _plan(N, C, S, G, cl)
+        T = _get_threads()
+        threads, nch = _plan(N, C, S, G, cl, T)
         _run(
-            _forward_cl if cl else _forward_nc, threads,
+            _forward_cl if cl else _forward_nc, threads, T,
             _flat(xk), _flat(y), _param(weight, C, 1.0, kdt), _param(bias, C, 0.0, kdt),
             stats.numpy().ravel(), N, C, S, G, float(eps), ACT_CODES[activation], nch,
         )
@@ -873,9 +891,10 @@ class NumbaBackend:
             st = st.to(kdt).contiguous()
         dw = torch.empty(C, dtype=kdt)
         db = torch.empty(C, dtype=kdt)
-        threads, nch = _plan(N, C, S, G, cl)
+        T = _get_threads()
+        threads, nch = _plan(N, C, S, G, cl, T)
         _run(
-            _backward_cl if cl else _backward_nc, threads,
+            _backward_cl if cl else _backward_nc, threads, T,
             _flat(dyk), _flat(xk), _flat(dx), dw.numpy(), db.numpy(), _param(weight, C, 1.0, kdt),
             _param(bias, C, 0.0, kdt), st.numpy().ravel(), N, C, S, G, ACT_CODES[activation], nch,
         )
