@@ -91,7 +91,7 @@ def _backward_impl(dy, x, weight, bias, stats, num_groups, activation, backend, 
     dx = dw = db = None
     if x.numel() > 0:
         xd = _dense_input(x)
-        impl = backends.ran(backend) if ran else backends.select(xd, activation, backend)
+        impl = backends.get(backend) if ran else backends.select(xd, activation, backend)
         dx, dw, db = impl.backward(
             _match_layout(dy, xd), xd, weight, bias, stats, num_groups, activation, [need_dx, need_dw, need_db]
         )

@@ -118,8 +118,7 @@ def select(x, activation: str, name: str = ""):
     """Resolve ``name`` to a backend for x: the argument, else this thread's use_backend()
     context, else $GROUPNORM_BACKEND, else "auto"."""
     if not name:
-        stack = getattr(_local, "forced", None)
-        name = (stack[-1] if stack else "") or os.environ.get(ENV_VAR, "").strip() or "auto"
+        name = requested() or os.environ.get(ENV_VAR, "").strip() or "auto"
     if name != "auto":
         backend = get(name)
         reason = backend.available()
@@ -142,12 +141,7 @@ def select(x, activation: str, name: str = ""):
                 break
         else:  # pragma: no cover - composite supports every float input
             raise RuntimeError(f"no groupnorm backend supports {x.dtype} input on {x.device}")
-    return _loaded[chosen] if chosen in _loaded else get(chosen)
-
-
-def ran(name: str):
-    """The backend called ``name`` that already ran this op's forward (so is usable for its input)."""
-    return _loaded[name] if name in _loaded else get(name)
+    return get(chosen)
 
 
 def record(name: str) -> None:
