@@ -415,6 +415,10 @@ def machine_info(device: str) -> dict:
 
         info["numba"] = numba.__version__
         info["numba_threads"] = numba.get_num_threads()
+        from groupnorm.backends import native
+
+        reason = native.status() if device == "cpu" else None
+        info["native_fast_lane"] = "on" if reason is None else f"off ({reason})"
     except ImportError:  # pragma: no cover
         info["numba"] = None
     if device == "cuda":
@@ -518,7 +522,9 @@ def main(args) -> int:
     info = machine_info(device)
     print(f"groupnorm bench on {info['cpu']} ({info['cpu_count']} CPUs)"
           + (f", {info.get('gpu')}" if device == "cuda" else "")
-          + f"; torch {info['torch']}, numba {info.get('numba')}; {args.repeats} interleaved rounds, medians", flush=True)
+          + f"; torch {info['torch']}, numba {info.get('numba')}"
+          + (f", native fast lane {info.get('native_fast_lane')}" if device == "cpu" else "")
+          + f"; {args.repeats} interleaved rounds, medians", flush=True)
 
     rows = []
     if args.train != "only":

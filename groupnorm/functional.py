@@ -277,6 +277,13 @@ def group_norm(
         from groupnorm.backends.composite import BACKEND as composite
 
         return composite.forward(_dense_input(input), weight, bias, num_groups, float(eps), act)[0]
+    if input.is_cpu and input.numel():  # the numba backend's compiled fast lane, if it is the one to run
+        impl = backends.select(input, act, name)
+        fast = getattr(impl, "fast_lane", None)
+        y = fast(input, weight, bias, num_groups, float(eps), act) if fast is not None else None
+        if y is not None:
+            backends.record(impl.name)
+            return y
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
         return _EagerGroupNorm.apply(input, weight, bias, num_groups, float(eps), act, name)
     return _forward_impl(input, weight, bias, num_groups, float(eps), act, name)[0]

@@ -829,23 +829,30 @@ def _set_threads(n: int) -> None:
         numba.set_num_threads(n)
 
 
-def _plan(N: int, C: int, S: int, G: int, channels_last: bool, T: int) -> tuple[int, int]:
-    """(threads, chunks) for a caller running with T numba threads: chunks is 0 for one item
-    per group (contiguous) / per sample (channels-last), else the number of chunks each S
-    extent is split into. Small tensors run on one thread: waking a team costs more than they
-    take (and on a busy machine a descheduled worker stalls the whole call)."""
+@njit(**_SERIAL)
+def _plan_auto(N, C, S, G, channels_last, T):
+    """_plan's automatic choice (compiled: the native entry points call it too)."""
     if N * C * S < _MIN_PARALLEL_ELEMS:
         T = 1
-    if split_mode == "fused":
-        return T, 0
-    if split_mode == "split":
-        return T, max(1, min(3, S))
     units = N if channels_last else N * G
     if units % T == 0 or units >= 8 * T:
         return T, 0
     if channels_last:
         return T, max(1, min(-(-8 * T // N), S // 64))
     return T, max(1, min(-(-8 * T // (N * C)), S // 4096))
+
+
+def _plan(N: int, C: int, S: int, G: int, channels_last: bool, T: int) -> tuple[int, int]:
+    """(threads, chunks) for a caller running with T numba threads: chunks is 0 for one item
+    per group (contiguous) / per sample (channels-last), else the number of chunks each S
+    extent is split into. Small tensors run on one thread: waking a team costs more than they
+    take (and on a busy machine a descheduled worker stalls the whole call)."""
+    if split_mode == "fused":
+        return (1 if N * C * S < _MIN_PARALLEL_ELEMS else T), 0
+    if split_mode == "split":
+        return (1 if N * C * S < _MIN_PARALLEL_ELEMS else T), max(1, min(3, S))
+    threads, chunks = _plan_auto(N, C, S, G, channels_last, T)
+    return int(threads), int(chunks)
 
 
 def _run(kernel, threads: int, caller_threads: int, *args):
@@ -869,6 +876,16 @@ class NumbaBackend:
 
     def supports(self, x, activation):
         return x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and activation in ACT_CODES
+
+    def fast_lane(self, x, weight, bias, num_groups, eps, activation):
+        """The whole eager op (forward and its autograd node) through the compiled fast lane of
+        ``groupnorm.backends.native``; None when that is off or unusable (then the caller runs
+        the Python path, which gives bitwise the same results)."""
+        if split_mode != "auto" or x.dtype not in _KERNEL_DTYPES:
+            return None
+        from groupnorm.backends import native
+
+        return native.group_norm(x, weight, bias, num_groups, eps, ACT_CODES[activation])
 
     def forward(self, x, weight, bias, num_groups, eps, activation):
         kdt = _KERNEL_DTYPES[x.dtype]

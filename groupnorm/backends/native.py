@@ -1,0 +1,244 @@
+"""The numba backend's eager fast lane: a small C++ op whose autograd node calls the numba kernels.
+
+Why: on a small tensor the numba kernel takes microseconds but the Python around it (the
+``autograd.Function``, tensor-to-NumPy views, allocation) took about ten times that, so small
+and medium shapes lost to ATen on per-call cost alone. Here one compiled op
+(``groupnorm_native::group_norm``, source ``native.cpp``) allocates, saves what the backward
+needs and calls the *same* numba kernels through C entry points (numba ``cfunc``); the backward
+runs without Python. Results are bitwise those of the Python path (same kernels, same plan).
+
+The library is compiled once per (source, torch, Python, compiler) into the cache directory
+(``$GROUPNORM_CACHE``, default ``~/.cache/groupnorm``); ``make setup`` builds it
+(``python -m groupnorm.backends.native``), and the first eager CPU call builds it otherwise.
+``GROUPNORM_NATIVE=0`` turns the fast lane off (the Python path, same results, runs instead);
+without a C++ compiler it is off by itself and ``status()`` says why.
+Used only in eager mode, on CPU, when the numba backend would run the call anyway: torch.compile,
+functorch transforms and the forced split modes of the tests keep the Python path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+ENV_SWITCH = "GROUPNORM_NATIVE"
+ENV_CACHE = "GROUPNORM_CACHE"
+SOURCE = Path(__file__).with_name("native.cpp")
+
+# False: every call takes the Python path (tests compare the two); $GROUPNORM_NATIVE=0 sets it.
+enabled = os.environ.get(ENV_SWITCH, "").strip() != "0"
+_lock = threading.Lock()
+_state: dict = {"loaded": None, "reason": None, "ready": set(), "op": None}
+_CFUNCS: dict = {}  # kernel dtype -> (forward cfunc, backward cfunc), kept alive here
+
+
+# ----------------------------------------------------------------------------- building the library
+def _flags() -> list[str]:
+    from torch.utils import cpp_extension
+
+    lib = Path(torch.__file__).parent / "lib"
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return (
+        ["-O2", "-std=c++20", "-fPIC", "-shared", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+        + [f"-I{p}" for p in cpp_extension.include_paths()]
+        + [f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", "-ltorch"]
+    )
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
+def library_path() -> Path:
+    """Where the compiled library for this source, torch and Python lives."""
+    key = hashlib.sha256()
+    key.update(SOURCE.read_bytes())
+    key.update(f"{torch.__version__}|{sys.version}|{_compiler()}".encode())
+    base = Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "groupnorm")
+    return base / f"groupnorm_native-{key.hexdigest()[:16]}.so"
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile native.cpp (about 30 s on 2 cores) into library_path(); written atomically."""
+    out = library_path()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    cmd = [_compiler(), str(SOURCE), "-o", str(tmp), *_flags()]
+    if verbose:
+        print(" ".join(cmd), file=sys.stderr)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed ({' '.join(cmd[:3])} ...):\n{done.stderr[-3000:]}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _load() -> bool:
+    """Load (building if needed) the library once per process; False with a reason if unusable."""
+    if _state["loaded"] is not None:
+        return _state["loaded"]
+    with _lock:
+        if _state["loaded"] is not None:
+            return _state["loaded"]
+        ok, reason = False, None
+        try:
+            path = library_path()
+            if not path.exists():
+                print("groupnorm: compiling the native fast path once (about a minute) ...", file=sys.stderr, flush=True)
+                build()
+            torch.ops.load_library(str(path))
+            _define_differentiable_grads()
+            _state["op"] = torch.ops.groupnorm_native.group_norm.default
+            ok = True
+        except (OSError, RuntimeError) as exc:
+            text = str(exc).strip()
+            reason = f"{type(exc).__name__}: {text.splitlines()[0] if text else exc!r}"
+        _state["reason"] = reason
+        _state["loaded"] = ok
+        return ok
+
+
+def status() -> str | None:
+    """None when the fast lane is in use, else why not (loads, and if needed builds, the library)."""
+    if not enabled:
+        return f"turned off ({ENV_SWITCH}=0 or groupnorm.backends.native.enabled = False)"
+    _load()
+    return _state["reason"]
+
+
+# ----------------------------------------------------------------------------- the numba entry points
+def _entry_points(kdt: torch.dtype):
+    """numba cfuncs wrapping the forward and backward kernels for one kernel dtype (compiled
+    on first use: a few seconds, the kernels themselves come from numba's cache)."""
+    import numba
+    from numba import carray, cfunc, types
+
+    from groupnorm.backends import cpu
+
+    nt = types.float64 if kdt == torch.float64 else types.float32
+    P, i64 = types.CPointer(nt), types.int64
+    opts = dict(error_model="numpy")
+
+    @cfunc(types.void(P, P, P, P, P, i64, i64, i64, i64, types.float64, i64, i64), **opts)
+    def forward(xp, yp, wp, bp, sp, N, C, S, G, eps, act, cl):
+        n = N * C * S
+        x, y = carray(xp, (n,)), carray(yp, (n,))
+        w, b, st = carray(wp, (C,)), carray(bp, (C,)), carray(sp, (N * G * 3,))
+        T = numba.get_num_threads()
+        threads, nch = cpu._plan_auto(N, C, S, G, cl != 0, T)
+        if threads != T:
+            numba.set_num_threads(threads)
+        if cl != 0:
+            cpu._forward_cl(x, y, w, b, st, N, C, S, G, eps, act, nch)
+        else:
+            cpu._forward_nc(x, y, w, b, st, N, C, S, G, eps, act, nch)
+        if threads != T:
+            numba.set_num_threads(T)
+
+    @cfunc(types.void(P, P, P, P, P, P, P, P, i64, i64, i64, i64, i64, i64), **opts)
+    def backward(dyp, xp, dxp, dwp, dbp, wp, bp, sp, N, C, S, G, act, cl):
+        n = N * C * S
+        dy, x, dx = carray(dyp, (n,)), carray(xp, (n,)), carray(dxp, (n,))
+        dw, db, w, b = carray(dwp, (C,)), carray(dbp, (C,)), carray(wp, (C,)), carray(bp, (C,))
+        st = carray(sp, (N * G * 3,))
+        T = numba.get_num_threads()
+        threads, nch = cpu._plan_auto(N, C, S, G, cl != 0, T)
+        if threads != T:
+            numba.set_num_threads(threads)
+        if cl != 0:
+            cpu._backward_cl(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch)
+        else:
+            cpu._backward_nc(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch)
+        if threads != T:
+            numba.set_num_threads(T)
+
+    return forward, backward
+
+
+def _ensure_kernels(kdt: torch.dtype) -> None:
+    index = 1 if kdt == torch.float64 else 0
+    if index in _state["ready"]:
+        return
+    with _lock:
+        if index in _state["ready"]:
+            return
+        from numba.np.ufunc import parallel
+
+        parallel._launch_threads()  # the kernels' thread pool, started as a jitted call would
+        fwd, bwd = _entry_points(kdt)
+        _CFUNCS[kdt] = (fwd, bwd)
+        torch.ops.groupnorm_native.set_kernels(index, fwd.address, bwd.address)
+        _state["ready"].add(index)
+
+
+# ----------------------------------------------------------------------------- double backward
+def _define_differentiable_grads() -> None:
+    """groupnorm::differentiable_grads: the composite gradients with create_graph, which the C++
+    backward calls when autograd records it (gradient penalties, gradgradcheck)."""
+    if hasattr(torch.ops.groupnorm, "differentiable_grads"):
+        return
+    lib = torch.library.Library("groupnorm", "FRAGMENT")
+    lib.define(
+        "differentiable_grads(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, int num_groups, float eps, "
+        "int activation, bool need_dx, bool need_dw, bool need_db) -> Tensor[]"
+    )
+    lib.impl("differentiable_grads", _differentiable_grads, "CompositeImplicitAutograd")
+    _state["lib"] = lib  # a Library unregisters its ops when collected
+
+
+def _differentiable_grads(dy, x, weight, bias, num_groups, eps, activation, need_dx, need_dw, need_db):
+    from groupnorm.backends.composite import BACKEND as composite
+    from groupnorm.backends.cpu import ACT_CODES
+    from groupnorm.functional import _dense_input
+
+    act = {code: name for name, code in ACT_CODES.items()}[activation]
+    mask = (need_dx, need_dw, need_db)
+    params = (x, weight, bias)
+    y, _ = composite.forward(_dense_input(x), weight, bias, num_groups, eps, act)
+    wanted = [t for t, m in zip(params, mask) if m and t is not None]
+    got = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
+    out = [next(got) if (m and t is not None) else None for t, m in zip(params, mask)]
+    return [g if g is not None else x.new_empty(0) for g in out]
+
+
+# ----------------------------------------------------------------------------- the call
+def group_norm(x, weight, bias, num_groups: int, eps: float, act_code: int):
+    """The op, or None when the fast lane is off or unavailable (the caller takes the Python path)."""
+    if not enabled or not _load():
+        return None
+    _ensure_kernels(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return _state["op"](x, weight, bias, num_groups, eps, act_code)
+
+
+def main() -> None:
+    """python -m groupnorm.backends.native: build (if needed) and check the fast lane."""
+    path = library_path()
+    if path.exists():
+        print(f"native fast path already built: {path}")
+    else:
+        print(f"building the native fast path: {path}")
+        build(verbose="-v" in sys.argv)
+    reason = status()
+    if reason:
+        raise SystemExit(
+            f"native fast path unusable: {reason}\n"
+            "It needs a C++ compiler (g++, or $CXX) and the torch headers of this environment; "
+            f"install g++, or set {ENV_SWITCH}=0 to run the (slower per call, same results) Python path."
+        )
+    x = torch.randn(2, 8, 3, 3)
+    y = group_norm(x, None, None, 4, 1e-5, 0)
+    torch.testing.assert_close(y, torch.nn.functional.group_norm(x, 4))
+    print("native fast path ready")
+
+
+if __name__ == "__main__":
+    main()
