@@ -227,7 +227,9 @@ def check_inputs(input, num_groups, weight, bias, eps, activation) -> str:
             "convert it first, e.g. input.float()"
         )
     C = input.shape[1]
-    if isinstance(num_groups, bool) or not isinstance(num_groups, (numbers.Integral, torch.SymInt)):
+    if type(num_groups) is not int and (  # the common case first: the ABC checks cost microseconds
+        isinstance(num_groups, bool) or not isinstance(num_groups, (numbers.Integral, torch.SymInt))
+    ):
         raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__} {num_groups!r}")
     if num_groups <= 0 or num_groups > C:
         raise ValueError(f"num_groups must be in [1, C={C}], got {num_groups}; group counts that divide {C}: {divisors(C)}")
@@ -236,7 +238,9 @@ def check_inputs(input, num_groups, weight, bias, eps, activation) -> str:
             f"the input's {C} channels are not divisible by num_groups={num_groups}; "
             f"group counts that work: {divisors(C)} (groupnorm.GroupNorm's policy='divisor' or 'gcd' picks one for you)"
         )
-    if isinstance(eps, bool) or not isinstance(eps, (numbers.Real, torch.SymFloat, torch.SymInt)) or not (0 < eps < math.inf):
+    if not (type(eps) is float and 0 < eps < math.inf) and (
+        isinstance(eps, bool) or not isinstance(eps, (numbers.Real, torch.SymFloat, torch.SymInt)) or not (0 < eps < math.inf)
+    ):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}; the usual value is 1e-5")
     _check_param("weight", weight, input)
     _check_param("bias", bias, input)

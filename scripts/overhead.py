@@ -5,7 +5,9 @@
 
 Times (in-process medians of interleaved rounds) the numba kernel alone, the backend object, the
 dispatch (`_forward_impl`), the `autograd.Function`, the public `group_norm` with and without
-autograd, and torch's native kernel and `F.group_norm`; then forward+backward of ours and torch's.
+autograd on the Python path, the compiled fast lane (`groupnorm.backends.native`) alone and through
+`group_norm`, and torch's native kernel and `F.group_norm`; then forward+backward of ours (both
+paths) and torch's.
 Also prints two machine-speed probes (a pure-Python loop, a tiny torch op), since per-call cost
 follows them. To compare two versions, run it from two checkouts (e.g. a `git worktree`) with
 PYTHONPATH pointing at each, alternating a few times.
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 
 import groupnorm
 from groupnorm import functional as fn
-from groupnorm.backends import cpu
+from groupnorm.backends import cpu, native
 
 
 def medians(cases: dict, rounds: int, calls: int) -> dict:
@@ -74,26 +76,45 @@ def main() -> None:
     kernel = cpu._forward_cl if not xd.is_contiguous() else cpu._forward_nc
     args = (cpu._flat(xd), cpu._flat(y0), wd.numpy(), bd.numpy(), st0.numpy().ravel(), N, C, S, G, 1e-5, 0, 0)
 
+    lane = native.status() is None
+    if not lane:
+        print(f"native fast lane off: {native.status()}")
+
+    def python_path(f):  # the same call with the fast lane turned off
+        def g():
+            native.enabled = False
+            try:
+                return f()
+            finally:
+                native.enabled = lane
+        return g
+
     forward = {
         "numba kernel alone": lambda: kernel(*args),
         "backend.forward": lambda: cpu.BACKEND.forward(xd, wd, bd, G, 1e-5, "none"),
         "_forward_impl (dispatch)": lambda: fn._forward_impl(xd, wd, bd, G, 1e-5, "none", ""),
         "autograd.Function.apply": lambda: fn._EagerGroupNorm.apply(x, w, b, G, 1e-5, "none", ""),
-        "group_norm, no autograd": lambda: groupnorm.group_norm(xd, G, wd, bd),
-        "group_norm, autograd": lambda: groupnorm.group_norm(x, G, w, b),
+        "group_norm, no autograd, py": python_path(lambda: groupnorm.group_norm(xd, G, wd, bd)),
+        "group_norm, autograd, py": python_path(lambda: groupnorm.group_norm(x, G, w, b)),
         "torch native kernel": lambda: torch.native_group_norm(xd, wd, bd, N, C, S, G, 1e-5),
         "torch F.group_norm, autograd": lambda: F.group_norm(x, G, w, b),
     }
-    print(f"forward of {shape}, G = {G} (median us per call):")
+    if lane:
+        forward["fast-lane op alone"] = lambda: native.group_norm(x, w, b, G, 1e-5, 0)
+        forward["group_norm, autograd, lane"] = lambda: groupnorm.group_norm(x, G, w, b)
+    print(f"forward of {shape}, G = {G} (median us per call; py: the Python path, lane: the compiled fast lane):")
     for name, us in medians(forward, a.rounds, a.calls).items():
         print(f"  {name:30s} {us:8.1f}")
 
     def fwd_bwd(f):
         return lambda: torch.autograd.grad(f(x, G, w, b), (x, w, b), dy)
 
-    both = medians({"ours": fwd_bwd(groupnorm.group_norm), "torch": fwd_bwd(F.group_norm)}, a.rounds, a.calls // 2)
-    print(f"forward+backward: ours {both['ours']:.1f} us, torch {both['torch']:.1f} us "
-          f"(torch/ours {both['torch'] / both['ours']:.2f}x)")
+    cases = {"ours, py": python_path(fwd_bwd(groupnorm.group_norm)), "torch": fwd_bwd(F.group_norm)}
+    if lane:
+        cases["ours, lane"] = fwd_bwd(groupnorm.group_norm)
+    both = medians(cases, a.rounds, a.calls // 2)
+    print("forward+backward: " + ", ".join(f"{k} {v:.1f} us" for k, v in both.items())
+          + "; torch/ours " + ", ".join(f"{k.split(', ')[1]} {both['torch'] / v:.2f}x" for k, v in both.items() if k != "torch"))
 
 
 if __name__ == "__main__":

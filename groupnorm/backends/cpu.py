@@ -866,6 +866,18 @@ def _run(kernel, threads: int, caller_threads: int, *args):
     return kernel(*args)
 
 
+def _native():
+    global _native_module
+    if _native_module is None:
+        from groupnorm.backends import native
+
+        _native_module = native
+    return _native_module
+
+
+_native_module = None
+
+
 class NumbaBackend:
     """numba CPU kernels; float16/bfloat16 inputs are computed in float32."""
 
@@ -883,9 +895,7 @@ class NumbaBackend:
         the Python path, which gives bitwise the same results)."""
         if split_mode != "auto" or x.dtype not in _KERNEL_DTYPES:
             return None
-        from groupnorm.backends import native
-
-        return native.group_norm(x, weight, bias, num_groups, eps, ACT_CODES[activation])
+        return _native().group_norm(x, weight, bias, num_groups, eps, ACT_CODES[activation])
 
     def forward(self, x, weight, bias, num_groups, eps, activation):
         kdt = _KERNEL_DTYPES[x.dtype]
