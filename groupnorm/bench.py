@@ -126,7 +126,9 @@ class Timer:
 
 def time_interleaved(fns: dict, timer: Timer, repeats: int, warmup: int, min_sample_s: float = 2e-3,
                      budget_s: float = 2.0) -> dict:
-    """Median seconds per call of each fn, timed round-robin (A, B, C, A, B, C, ...).
+    """Median seconds per call of each fn, timed round-robin, the order rotated every round
+    (A, B, C, then B, C, A, then C, A, B, ...): what one variant leaves behind (the allocator's
+    heap, caches) then falls on every other variant alike, not always on the same neighbour.
 
     Fast functions are called several times per sample so that one sample lasts about
     min_sample_s (timer resolution stays negligible). At least ``repeats`` rounds are
@@ -142,8 +144,10 @@ def time_interleaved(fns: dict, timer: Timer, repeats: int, warmup: int, min_sam
     start = time.perf_counter()
     rounds = 0
     while rounds < repeats or (rounds < 10 * repeats and (time.perf_counter() - start) * (rounds + 1) / rounds < budget_s):
-        for name, fn in fns.items():
-            samples[name].append(timer(fn, calls[name]))
+        names = list(fns)
+        k = rounds % len(names)
+        for name in names[k:] + names[:k]:
+            samples[name].append(timer(fns[name], calls[name]))
         rounds += 1
     return {name: statistics.median(v) for name, v in samples.items()}
 
