@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -173,7 +174,13 @@ def _ensure_kernels(kdt: torch.dtype) -> None:
             return
         from numba.np.ufunc import parallel
 
-        parallel._launch_threads()  # the kernels' thread pool, started as a jitted call would
+        launch = getattr(parallel, "_launch_threads", None)
+        if launch is not None:  # start the kernels' thread pool, as a call of a parallel @njit would
+            launch()
+        else:  # pragma: no cover - other numba versions: a call of a parallel kernel starts it
+            from groupnorm.backends import cpu
+
+            cpu.BACKEND.forward(torch.zeros(1, 1, 1), None, None, 1, 1e-5, "none")
         fwd, bwd = _entry_points(kdt)
         _CFUNCS[kdt] = (fwd, bwd)
         torch.ops.groupnorm_native.set_kernels(index, fwd.address, bwd.address)
@@ -215,7 +222,12 @@ def group_norm(x, weight, bias, num_groups: int, eps: float, act_code: int):
     """The op, or None when the fast lane is off or unavailable (the caller takes the Python path)."""
     if not enabled or not _load():
         return None
-    _ensure_kernels(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    try:
+        _ensure_kernels(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    except Exception as exc:  # a numba that cannot build the entry points: the Python path, said once
+        _state["loaded"], _state["reason"] = False, f"numba entry points failed: {type(exc).__name__}: {exc}"
+        warnings.warn(f"groupnorm: native fast lane off, {_state['reason']}; the Python path runs instead", RuntimeWarning)
+        return None
     return _state["op"](x, weight, bias, num_groups, eps, act_code)
 
 
