@@ -189,4 +189,14 @@ def test_without_a_compiler_the_python_path_runs_and_status_says_why(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     reason = done.stdout.split("REASON", 1)[1].strip()
     assert "no-such-compiler" in reason, reason
-    assert not list(tmp_path.glob("*.so"))
+    assert "native fast lane off" in done.stderr and "compiling the native fast path" in done.stderr
+    assert not list(tmp_path.glob("*.so")) and len(list(tmp_path.glob("*.failed"))) == 1
+    # the next process reads the note instead of trying (and failing) to build again
+    again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "compiling the native fast path" not in again.stderr
+    assert "earlier build failed" in again.stdout.split("REASON", 1)[1]
+    # the explicit build command retries, and fails with the fix in its message
+    cmd = subprocess.run([sys.executable, "-m", "groupnorm.backends.native"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert cmd.returncode != 0 and "install g++" in cmd.stderr, cmd.stderr[-2000:]

@@ -83,6 +83,33 @@ def build(verbose: bool = False) -> Path:
     return out
 
 
+def _built_library() -> Path:
+    """library_path(), building it first if missing. One process builds while others wait on a
+    file lock (a torchrun job on a fresh machine does not compile once per rank); a failed build
+    leaves a ``.failed`` note so later processes do not spend a minute failing again (the
+    explicit ``python -m groupnorm.backends.native`` ignores it and retries)."""
+    import fcntl
+
+    path = library_path()
+    if path.exists():
+        return path
+    failed = path.with_name(path.name + ".failed")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            return path
+        if failed.exists():
+            raise RuntimeError(f"an earlier build failed (see {failed}): {failed.read_text().strip().splitlines()[0]}")
+        print("groupnorm: compiling the native fast path once (about a minute) ...", file=sys.stderr, flush=True)
+        try:
+            build()
+        except (OSError, RuntimeError) as exc:
+            failed.write_text(f"{type(exc).__name__}: {exc}\n")
+            raise
+    return path
+
+
 def _load() -> bool:
     """Load (building if needed) the library once per process; False with a reason if unusable."""
     if _state["loaded"] is not None:
@@ -92,10 +119,7 @@ def _load() -> bool:
             return _state["loaded"]
         ok, reason = False, None
         try:
-            path = library_path()
-            if not path.exists():
-                print("groupnorm: compiling the native fast path once (about a minute) ...", file=sys.stderr, flush=True)
-                build()
+            path = _built_library()
             torch.ops.load_library(str(path))
             _define_differentiable_grads()
             _state["op"] = torch.ops.groupnorm_native.group_norm.default
@@ -103,6 +127,11 @@ def _load() -> bool:
         except (OSError, RuntimeError) as exc:
             text = str(exc).strip()
             reason = f"{type(exc).__name__}: {text.splitlines()[0] if text else exc!r}"
+            warnings.warn(
+                f"groupnorm: native fast lane off ({reason}); the Python path runs instead (same results, more "
+                "time per call). `python -m groupnorm.backends.native` retries the build and shows the compiler output.",
+                RuntimeWarning,
+            )
         _state["reason"] = reason
         _state["loaded"] = ok
         return ok
@@ -238,7 +267,15 @@ def main() -> None:
         print(f"native fast path already built: {path}")
     else:
         print(f"building the native fast path: {path}")
-        build(verbose="-v" in sys.argv)
+        path.with_name(path.name + ".failed").unlink(missing_ok=True)
+        try:
+            build(verbose="-v" in sys.argv)
+        except (OSError, RuntimeError) as exc:
+            raise SystemExit(
+                f"building the native fast path failed: {exc}\n"
+                "It needs a C++ compiler (g++, or $CXX) and the torch headers of this environment; "
+                f"install g++, or set {ENV_SWITCH}=0 to run the (slower per call, same results) Python path."
+            ) from None
     reason = status()
     if reason:
         raise SystemExit(
