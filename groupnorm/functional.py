@@ -175,18 +175,21 @@ class _EagerGroupNorm(torch.autograd.Function):
         x, weight, bias, stats = ctx.saved_tensors
         mask = list(ctx.needs_input_grad[:3])
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward, through PyTorch ops
-            return (*_differentiable_grads(ctx, dy, x, weight, bias, mask), None, None, None, None)
+            grads = differentiable_grads(dy, x, weight, bias, ctx.num_groups, ctx.eps, ctx.activation, mask)
+            return (*grads, None, None, None, None)
         dx, dw, db = _backward_impl(dy, x, weight, bias, stats, ctx.num_groups, ctx.activation, ctx.backend, mask,
                                     ran=True)
         return dx, dw, db, None, None, None, None
 
 
-def _differentiable_grads(ctx, dy, x, weight, bias, mask):
+def differentiable_grads(dy, x, weight, bias, num_groups, eps, activation, mask):
     """Gradients that autograd can differentiate again (gradient penalties, double backward):
-    the composite forward is recomputed with autograd on and differentiated with create_graph."""
+    the composite forward is recomputed with autograd on and differentiated with create_graph.
+    Entries not asked for in ``mask`` (dx, dweight, dbias), or whose parameter is None, are None.
+    Used by the Python path's backward and by the compiled fast lane's (``backends.native``)."""
     from groupnorm.backends.composite import BACKEND as composite
 
-    y, _ = composite.forward(_dense_input(x), weight, bias, ctx.num_groups, ctx.eps, ctx.activation)
+    y, _ = composite.forward(_dense_input(x), weight, bias, num_groups, eps, activation)
     wanted = [t for t, m in zip((x, weight, bias), mask) if m and t is not None]
     got = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
     return [next(got) if (m and t is not None) else None for t, m in zip((x, weight, bias), mask)]

@@ -9,6 +9,10 @@ A backend is an object with
         whether it runs this input (device, dtype); the caller falls back otherwise.
     forward(x, weight, bias, num_groups, eps, activation) -> (y, stats)
     backward(dy, x, weight, bias, stats, num_groups, activation, output_mask) -> (dx, dweight, dbias)
+    fast_lane(x, weight, bias, num_groups, eps, activation) -> y or None      (optional)
+        the whole eager op, autograd included, in compiled code (the numba backend's
+        ``backends.native``); ``group_norm`` tries it first in eager mode and takes the
+        Python path (forward/backward above through an autograd.Function) on None.
 
 The contract every backend keeps (the op in ``functional`` guarantees the inputs):
 

@@ -38,6 +38,8 @@ from numba.core import types
 from numba.extending import intrinsic, overload
 from numba.np.ufunc import parallel as _numba_parallel
 
+from groupnorm.backends import native
+
 ACT_CODES = {"none": 0, "relu": 1, "silu": 2, "gelu": 3}
 
 # "auto" picks the work decomposition from the shape and the thread count; tests force
@@ -866,18 +868,6 @@ def _run(kernel, threads: int, caller_threads: int, *args):
     return kernel(*args)
 
 
-def _native():
-    global _native_module
-    if _native_module is None:
-        from groupnorm.backends import native
-
-        _native_module = native
-    return _native_module
-
-
-_native_module = None
-
-
 class NumbaBackend:
     """numba CPU kernels; float16/bfloat16 inputs are computed in float32."""
 
@@ -895,7 +885,7 @@ class NumbaBackend:
         the Python path, which gives bitwise the same results)."""
         if split_mode != "auto" or x.dtype not in _KERNEL_DTYPES:
             return None
-        return _native().group_norm(x, weight, bias, num_groups, eps, ACT_CODES[activation])
+        return native.group_norm(x, weight, bias, num_groups, eps, ACT_CODES[activation])
 
     def forward(self, x, weight, bias, num_groups, eps, activation):
         kdt = _KERNEL_DTYPES[x.dtype]

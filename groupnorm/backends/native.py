@@ -232,18 +232,12 @@ def _define_differentiable_grads() -> None:
 
 
 def _differentiable_grads(dy, x, weight, bias, num_groups, eps, activation, need_dx, need_dw, need_db):
-    from groupnorm.backends.composite import BACKEND as composite
     from groupnorm.backends.cpu import ACT_CODES
-    from groupnorm.functional import _dense_input
+    from groupnorm.functional import differentiable_grads
 
     act = {code: name for name, code in ACT_CODES.items()}[activation]
-    mask = (need_dx, need_dw, need_db)
-    params = (x, weight, bias)
-    y, _ = composite.forward(_dense_input(x), weight, bias, num_groups, eps, act)
-    wanted = [t for t, m in zip(params, mask) if m and t is not None]
-    got = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
-    out = [next(got) if (m and t is not None) else None for t, m in zip(params, mask)]
-    return [g if g is not None else x.new_empty(0) for g in out]
+    grads = differentiable_grads(dy, x, weight, bias, num_groups, eps, act, (need_dx, need_dw, need_db))
+    return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 # ----------------------------------------------------------------------------- the call
