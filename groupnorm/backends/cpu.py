@@ -235,6 +235,7 @@ def _shifted_sums(xs, shift):
 # would otherwise keep LLVM from vectorizing; one call covers a whole group, so short
 # rows (7x7 maps) do not pay a call per row.
 _BLOCK = 256  # row elements summed in the input dtype before a float64 accumulation
+_SHORT_ROW = 100  # rows up to this long (7x7, 8x8, 10x10 maps) take the one-loop-nest-per-group helpers
 
 
 @njit(**_REDUCE)
@@ -282,11 +283,33 @@ def _row_sums_plain(dy, x, lo, e0, e1, mh, k):
     return np.float64(s), np.float64(t)
 
 
+@njit(**_REDUCE)
+def _short_rows_sums_plain(dy, x, A, B, po, lo, rows, S, mh, k):
+    """_row_sums_plain over whole rows of at most _SHORT_ROW elements, rows lo/S .. + rows of one
+    group (mh is the group's): one call and one loop nest for the group instead of a call per
+    row, which is most of the cost when rows are short (7x7, 14x14 maps). Same sums, same
+    order as the general path."""
+    for c in range(rows):
+        r0 = lo + c * S
+        s = k[0]
+        t = k[0]
+        for i in range(S):
+            j = np.uint64(r0 + i)
+            g = dy[j]
+            s += g
+            t += g * (x[j] - mh)
+        A[po + c] = np.float64(s)
+        B[po + c] = np.float64(t)
+
+
 @njit(**_SERIAL)
 def _nc_grad_sums(dy, x, gs, cf, A, B, po, n, c0, c1, s0, s1, C, S, act, k):
     """A[po + j] = sum g, B[po + j] = sum g * (x - mh) over row c0 + j (positions s0..s1),
     blocks of _BLOCK in the input dtype added up in float64."""
     base = n * 6 * C
+    if act == 0 and s0 == 0 and s1 == S and S <= _SHORT_ROW:
+        _short_rows_sums_plain(dy, x, A, B, po, (n * C + c0) * S, c1 - c0, S, cf[base + c0], k)
+        return
     for c in range(c0, c1):
         mh = cf[base + c]
         a = cf[base + C + c]
@@ -334,8 +357,27 @@ def _nc_normalize(x, y, cf, n, c0, c1, s0, s1, C, S, act, k):
 
 
 @njit(**_SERIAL)
+def _short_rows_dx_plain(dy, x, dx, cf, n, c0, c1, C, S):
+    """_nc_dx without an activation over whole short rows of one group: mh, q and r are the
+    group's, read once."""
+    base = n * 6 * C
+    mh = cf[base + c0]
+    q = cf[base + _Q * C + c0]
+    r = cf[base + _R * C + c0]
+    for c in range(c0, c1):
+        p = cf[base + _P * C + c]
+        lo = (n * C + c) * S
+        for i in range(S):
+            j = np.uint64(lo + i)
+            dx[j] = dy[j] * p + (x[j] - mh) * q + r
+
+
+@njit(**_SERIAL)
 def _nc_dx(dy, x, dx, cf, n, c0, c1, s0, s1, C, S, act, k):
     """dx = g * p + (x - mh) * q + r over rows c0..c1 (g read back from dx for SiLU/GELU)."""
+    if act == 0 and s0 == 0 and s1 == S and S <= _SHORT_ROW:
+        _short_rows_dx_plain(dy, x, dx, cf, n, c0, c1, C, S)
+        return
     base = n * 6 * C
     for c in range(c0, c1):
         mh = cf[base + c]
