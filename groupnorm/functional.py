@@ -271,6 +271,23 @@ def group_norm(
     ``backend`` forces an implementation ("numba", "triton", "composite", "reference");
     by default the ``use_backend`` context, then ``$GROUPNORM_BACKEND``, then "auto".
     """
+    lane = backends.native_lane
+    if (  # the fast front: plain arguments, nothing forcing another path (see _front_allowed)
+        lane is not None
+        and backend is None
+        and type(input) is Tensor
+        and type(num_groups) is int
+        and type(eps) is float
+        and (activation is None or type(activation) is str)
+        and (weight is None or isinstance(weight, Tensor))
+        and (bias is None or isinstance(bias, Tensor))
+        and _front_allowed(lane)
+    ):
+        code = _LANE_CODES.get(activation)
+        y = lane.front(input, weight, bias, num_groups, eps, code) if code is not None else None
+        if y is not None:  # None: the C++ side declined (bad arguments, dtype not loaded, ...)
+            backends.record("numba")
+            return y
     act = check_inputs(input, num_groups, weight, bias, eps, activation)
     if not isinstance(num_groups, torch.SymInt):
         num_groups = int(num_groups)  # numpy integers
@@ -294,6 +311,25 @@ def group_norm(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
         return _EagerGroupNorm.apply(input, weight, bias, num_groups, float(eps), act, name)
     return _forward_impl(input, weight, bias, num_groups, float(eps), act, name)[0]
+
+
+_LANE_CODES = {None: 0, "none": 0, "relu": 1, "silu": 2, "gelu": 3}  # = cpu.ACT_CODES, without importing numba
+
+
+def _front_allowed(lane) -> bool:
+    """The numba fast lane may take this call directly: eager mode, no functorch transform, no
+    backend forced by use_backend()/$GROUPNORM_BACKEND, the lane switched on, the numba
+    backend's automatic work split (tests force others). Then "auto" would pick numba for any
+    CPU float input, which is what the fast lane runs."""
+    cpu = lane.numba_backend_module()
+    return (
+        lane.enabled
+        and cpu is not None
+        and cpu.split_mode == "auto"
+        and not torch.compiler.is_compiling()
+        and not _functorch_active()
+        and not backends.forced()
+    )
 
 
 def _functorch_active() -> bool:

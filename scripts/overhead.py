@@ -5,8 +5,9 @@
 
 Times (in-process medians of interleaved rounds) the numba kernel alone, the backend object, the
 dispatch (`_forward_impl`), the `autograd.Function`, the public `group_norm` with and without
-autograd on the Python path, the compiled fast lane (`groupnorm.backends.native`) alone and through
-`group_norm`, and torch's native kernel and `F.group_norm`; then forward+backward of ours (both
+autograd on the Python path, the compiled fast lane (`groupnorm.backends.native`) alone, its C++
+front (argument checks in C++) alone, through `group_norm` and through a `GroupNorm` layer, and
+torch's native kernel, `F.group_norm` and `nn.GroupNorm`; then forward+backward of ours (both
 paths) and torch's.
 Also prints two machine-speed probes (a pure-Python loop, a tiny torch op), since per-call cost
 follows them. To compare two versions, run it from two checkouts (e.g. a `git worktree`) with
@@ -99,9 +100,14 @@ def main() -> None:
         "torch native kernel": lambda: torch.native_group_norm(xd, wd, bd, N, C, S, G, 1e-5),
         "torch F.group_norm, autograd": lambda: F.group_norm(x, G, w, b),
     }
+    ours_layer, torch_layer = groupnorm.GroupNorm(G, C), torch.nn.GroupNorm(G, C)
+    forward["torch nn.GroupNorm layer"] = lambda: torch_layer(x)
     if lane:
+        groupnorm.group_norm(x, G, w, b)  # loads the lane and sets its C++ front
         forward["fast-lane op alone"] = lambda: native.group_norm(x, w, b, G, 1e-5, 0)
+        forward["C++ front op alone"] = lambda: native.front(x, w, b, G, 1e-5, 0)
         forward["group_norm, autograd, lane"] = lambda: groupnorm.group_norm(x, G, w, b)
+        forward["GroupNorm layer, lane"] = lambda: ours_layer(x)
     print(f"forward of {shape}, G = {G} (median us per call; py: the Python path, lane: the compiled fast lane):")
     for name, us in medians(forward, a.rounds, a.calls).items():
         print(f"  {name:30s} {us:8.1f}")

@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("numba")
 
 import groupnorm  # noqa: E402
-from groupnorm import group_norm  # noqa: E402
+from groupnorm import backends, functional, group_norm  # noqa: E402
 from groupnorm.backends import native  # noqa: E402
 from helpers import make_input  # noqa: E402
 
@@ -174,6 +174,107 @@ def test_forced_backends_skip_the_fast_lane():
     with groupnorm.use_backend("reference"):
         group_norm(x, 4)
     assert groupnorm.last_backend() == "reference"
+
+
+def _front_ready():
+    """Load the library and both kernel dtypes, so that group_norm's C++ front takes plain calls."""
+    if os.environ.get(native.ENV_SWITCH, "").strip() == "0":
+        pytest.skip(f"{native.ENV_SWITCH}=0 turns the fast lane off")
+    for dtype in (torch.float32, torch.float64):
+        group_norm(torch.randn(2, 4, 3, dtype=dtype), 2)
+    assert native.status() is None and native.front is not None
+
+
+def _python_checks_must_not_run(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the checked Python path ran: the C++ front declined a plain call")
+
+    monkeypatch.setattr(functional, "check_inputs", fail)
+
+
+@pytest.mark.parametrize("dtype,pdtype", [(torch.float32, None), (torch.float64, None), (torch.bfloat16, torch.float32),
+                                          (torch.float16, None)])
+@pytest.mark.parametrize("act", [None, "none", "relu", "silu", "gelu"])
+def test_front_takes_plain_calls_and_matches_the_python_path(dtype, pdtype, act, monkeypatch):
+    """Plain calls (and GroupNorm layers) skip the Python argument checks and give bitwise the
+    Python path's forward and gradients."""
+    _front_ready()
+    x = make_input((2, 8, 4, 5), dtype, "channels_last", seed=21).requires_grad_()
+    g = torch.Generator().manual_seed(22)
+    w = torch.randn(8, generator=g).to(pdtype or dtype).requires_grad_()
+    b = torch.randn(8, generator=g).to(pdtype or dtype).requires_grad_()
+    dy = make_input((2, 8, 4, 5), dtype, "channels_last", seed=23)
+    y0, g0 = _run(x, w, b, 4, act, dy, False, monkeypatch)
+    _python_checks_must_not_run(monkeypatch)
+    y1, g1 = _run(x, w, b, 4, act, dy, True, monkeypatch)
+    assert torch.equal(y1, y0) and y1.stride() == y0.stride()
+    assert all(torch.equal(a, e) for a, e in zip(g1, g0))
+    layer = groupnorm.GroupNorm(4, 8, activation=act).to(pdtype or dtype)
+    assert torch.equal(layer(x.detach()), group_norm(x.detach(), 4, layer.weight, layer.bias, activation=act))
+
+
+_X = torch.randn(2, 4, 3)
+BAD_CALLS = {
+    "integer input": lambda: ((torch.ones(2, 4, 3, dtype=torch.int64), 2), {}),
+    "1-D input": lambda: ((torch.randn(4), 2), {}),
+    "groups do not divide C": lambda: ((_X, 3), {}),
+    "zero groups": lambda: ((_X, 0), {}),
+    "more groups than channels": lambda: ((_X, 8), {}),
+    "float num_groups": lambda: ((_X, 2.0), {}),
+    "bool num_groups": lambda: ((_X, True), {}),
+    "zero eps": lambda: ((_X, 2, None, None, 0.0), {}),
+    "negative eps": lambda: ((_X, 2, None, None, -1e-5), {}),
+    "nan eps": lambda: ((_X, 2, None, None, float("nan")), {}),
+    "inf eps": lambda: ((_X, 2, None, None, float("inf")), {}),
+    "weight of 3": lambda: ((_X, 2, torch.ones(3)), {}),
+    "2-D weight": lambda: ((_X, 2, torch.ones(1, 4)), {}),
+    "float64 weight": lambda: ((_X, 2, torch.ones(4, dtype=torch.float64)), {}),
+    "float16 weight, bfloat16 input": lambda: ((_X.bfloat16(), 2, torch.ones(4, dtype=torch.float16)), {}),
+    "meta weight": lambda: ((_X, 2, torch.ones(4, device="meta")), {}),
+    "list weight": lambda: ((_X, 2, [1.0, 1.0, 1.0, 1.0]), {}),
+    "bias of 5": lambda: ((_X, 2, None, torch.zeros(5)), {}),
+    "unknown activation": lambda: ((_X, 2), {"activation": "tanh"}),
+    "activation in capitals": lambda: ((_X, 2), {"activation": "SiLU"}),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CALLS))
+def test_front_declines_bad_calls_with_the_python_paths_error(name, monkeypatch):
+    """The C++ front declines whatever the Python checks reject, so the error is the same one."""
+    _front_ready()
+    args, kwargs = BAD_CALLS[name]()
+    with pytest.raises(Exception) as on:
+        group_norm(*args, **kwargs)
+    monkeypatch.setattr(native, "enabled", False)
+    with pytest.raises(Exception) as off:
+        group_norm(*args, **kwargs)
+    assert type(on.value) is type(off.value) and str(on.value) == str(off.value)
+    assert isinstance(on.value, (TypeError, ValueError)), repr(on.value)
+
+
+def test_front_respects_every_way_of_forcing_a_path(monkeypatch):
+    _front_ready()
+    x = make_input((2, 8, 3, 3), seed=24).requires_grad_()
+    group_norm(x, 4)
+    assert groupnorm.last_backend() == "numba"
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    group_norm(x, 4)
+    assert groupnorm.last_backend() == "reference"
+    monkeypatch.setenv(backends.ENV_VAR, "auto")
+    assert "GroupNormFunction" in group_norm(x, 4).grad_fn.name()
+    monkeypatch.delenv(backends.ENV_VAR)
+    with groupnorm.use_backend("composite"):
+        group_norm(x, 4)
+        assert groupnorm.last_backend() == "composite"
+        with groupnorm.use_backend("auto"):
+            assert "GroupNormFunction" in group_norm(x, 4).grad_fn.name()
+    from groupnorm.backends import cpu
+
+    monkeypatch.setattr(cpu, "split_mode", "split")
+    assert "GroupNormFunction" not in group_norm(x, 4).grad_fn.name()
+    monkeypatch.setattr(cpu, "split_mode", "auto")
+    monkeypatch.setattr(native, "enabled", False)
+    assert "GroupNormFunction" not in group_norm(x, 4).grad_fn.name()
 
 
 def test_without_a_compiler_the_python_path_runs_and_status_says_why(tmp_path):

@@ -13,6 +13,9 @@ A backend is an object with
         the whole eager op, autograd included, in compiled code (the numba backend's
         ``backends.native``); ``group_norm`` tries it first in eager mode and takes the
         Python path (forward/backward above through an autograd.Function) on None.
+        Before any of this, ``group_norm`` hands plain eager calls with no backend forced
+        to ``native_lane.front`` (set below once the fast lane is loaded), which checks the
+        arguments in C++ and returns None for anything it does not take.
 
 The contract every backend keeps (the op in ``functional`` guarantees the inputs):
 
@@ -64,6 +67,9 @@ _AUTO_ORDER = {
 _loaded: dict = {}
 _auto_choice: dict = {}  # (device type, dtype, activation) -> backend name picked by "auto"
 _local = threading.local()  # per thread: .forced (stack of use_backend names), .last
+# the module groupnorm.backends.native once its library is loaded (set there), else None:
+# group_norm() sends eager CPU calls straight to its C++ front (no import of it needed here)
+native_lane = None
 
 
 def names() -> tuple[str, ...]:
@@ -118,11 +124,36 @@ def use_backend(name: str):
         stack.pop()
 
 
+# os.environ.get costs ~2 us when the variable is unset (a KeyError raised and caught inside);
+# the encoded mapping behind os.environ (kept in sync by it) answers a miss in ~50 ns.
+_ENV_DATA = getattr(os.environ, "_data", None)
+try:
+    _ENV_KEY = os.environ.encodekey(ENV_VAR)  # type: ignore[attr-defined]
+except AttributeError:  # pragma: no cover - not CPython's os.environ
+    _ENV_DATA = None
+
+
+def env_backend() -> str:
+    """$GROUPNORM_BACKEND, stripped ("" when unset), read at every call."""
+    if _ENV_DATA is not None and _ENV_KEY not in _ENV_DATA:
+        return ""
+    return os.environ.get(ENV_VAR, "").strip()
+
+
+def forced() -> bool:
+    """True when a use_backend() context or $GROUPNORM_BACKEND names a backend other than auto."""
+    stack = getattr(_local, "forced", None)
+    if stack:
+        return stack[-1] != "auto"
+    name = env_backend()
+    return bool(name) and name != "auto"
+
+
 def select(x, activation: str, name: str = ""):
     """Resolve ``name`` to a backend for x: the argument, else this thread's use_backend()
     context, else $GROUPNORM_BACKEND, else "auto"."""
     if not name:
-        name = requested() or os.environ.get(ENV_VAR, "").strip() or "auto"
+        name = requested() or env_backend() or "auto"
     if name != "auto":
         backend = get(name)
         reason = backend.available()

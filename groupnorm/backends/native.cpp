@@ -18,6 +18,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <limits>
+#include <optional>
 
 namespace {
 
@@ -185,11 +187,43 @@ at::Tensor group_norm(const at::Tensor& x, const std::optional<at::Tensor>& weig
   return GroupNormFunction::apply(x, weight, bias, num_groups, eps, act);
 }
 
+bool is_half(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+bool param_ok(const std::optional<at::Tensor>& p, const at::Tensor& x, int64_t C) {
+  if (!p.has_value()) return true;
+  const at::Tensor& t = *p;
+  if (!t.defined() || t.dim() != 1 || t.size(0) != C || !t.device().is_cpu() || t.layout() != at::kStrided)
+    return false;
+  return t.scalar_type() == x.scalar_type() || (is_half(x.scalar_type()) && t.scalar_type() == at::kFloat);
+}
+
+// group_norm for group_norm()'s fast front (functional.py): the argument checks of
+// functional.check_inputs in C++, and nullopt (the caller then takes the checked Python path,
+// which raises the error that names the problem) for anything this lane does not take: bad
+// arguments, empty or non-CPU input, kernels of this dtype not loaded yet.
+std::optional<at::Tensor> try_group_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                         const std::optional<at::Tensor>& bias, int64_t num_groups, double eps,
+                                         int64_t act) {
+  if (!x.defined() || !x.device().is_cpu() || x.layout() != at::kStrided || x.dim() < 2 || x.numel() == 0)
+    return std::nullopt;
+  const at::ScalarType t = x.scalar_type();
+  if (t != at::kFloat && t != at::kDouble && !is_half(t)) return std::nullopt;
+  const int64_t C = x.size(1);
+  if (num_groups <= 0 || num_groups > C || C % num_groups != 0) return std::nullopt;
+  if (!(eps > 0.0 && eps < std::numeric_limits<double>::infinity())) return std::nullopt;
+  if (act < 0 || act > 3 || !param_ok(weight, x, C) || !param_ok(bias, x, C)) return std::nullopt;
+  const int idx = t == at::kDouble ? 1 : 0;
+  if (g_forward[idx].load() == 0 || g_backward[idx].load() == 0) return std::nullopt;
+  return GroupNormFunction::apply(x, weight, bias, num_groups, eps, act);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(groupnorm_native, m) {
   m.def("group_norm(Tensor x, Tensor? weight, Tensor? bias, int num_groups, float eps, int activation) -> Tensor",
         &group_norm);
+  m.def("try_group_norm(Tensor x, Tensor? weight, Tensor? bias, int num_groups, float eps, int activation) -> Tensor?",
+        &try_group_norm);
   m.def("set_kernels(int dtype_index, int forward, int backward) -> ()", &set_kernels);
   m.def("kernels_ready(int dtype_index) -> bool", &kernels_ready);
 }

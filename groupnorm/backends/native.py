@@ -14,6 +14,12 @@ The library is compiled once per (source, torch, Python, compiler) into the cach
 without a C++ compiler it is off by itself and ``status()`` says why.
 Used only in eager mode, on CPU, when the numba backend would run the call anyway: torch.compile,
 functorch transforms and the forced split modes of the tests keep the Python path.
+
+Two ways in: ``group_norm`` here (the numba backend's ``fast_lane``, after group_norm's Python
+argument checks and backend selection), and ``front`` (``groupnorm_native::try_group_norm``), which
+``groupnorm.group_norm`` calls first for plain eager calls when no backend is forced: it makes the
+same argument checks in C++ and returns None for anything it does not take, so errors still come
+from the Python checks. Once loaded, this module sets ``groupnorm.backends.native_lane`` to itself.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from groupnorm import backends
+
 ENV_SWITCH = "GROUPNORM_NATIVE"
 ENV_CACHE = "GROUPNORM_CACHE"
 SOURCE = Path(__file__).with_name("native.cpp")
@@ -37,6 +45,10 @@ enabled = os.environ.get(ENV_SWITCH, "").strip() != "0"
 _lock = threading.Lock()
 _state: dict = {"loaded": None, "reason": None, "ready": set(), "op": None}
 _CFUNCS: dict = {}  # kernel dtype -> (forward cfunc, backward cfunc), kept alive here
+# groupnorm_native::try_group_norm once the library is loaded, else None: group_norm()'s fast
+# front (functional.py) calls it directly when nothing forces another path; it checks the
+# arguments in C++ and returns None for anything it does not take (then the checked Python path runs).
+front = None
 
 
 # ----------------------------------------------------------------------------- building the library
@@ -124,6 +136,10 @@ def _load() -> bool:
             _define_differentiable_grads()
             _state["op"] = torch.ops.groupnorm_native.group_norm.default
             ok = True
+            global front
+            overload = torch.ops.groupnorm_native.try_group_norm.default
+            front = getattr(overload, "_op", overload)  # the bound C++ op: skips OpOverload.__call__ (~3 us)
+            backends.native_lane = sys.modules[__name__]
         except (OSError, RuntimeError) as exc:
             text = str(exc).strip()
             reason = f"{type(exc).__name__}: {text.splitlines()[0] if text else exc!r}"
@@ -241,6 +257,11 @@ def _differentiable_grads(dy, x, weight, bias, num_groups, eps, activation, need
 
 
 # ----------------------------------------------------------------------------- the call
+def numba_backend_module():
+    """groupnorm.backends.cpu if imported (it is whenever ``front`` is set: the lane loads from it)."""
+    return sys.modules.get("groupnorm.backends.cpu")
+
+
 def group_norm(x, weight, bias, num_groups: int, eps: float, act_code: int):
     """The op, or None when the fast lane is off or unavailable (the caller takes the Python path)."""
     if not enabled or not _load():
