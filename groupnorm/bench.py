@@ -7,7 +7,11 @@ activation module when the case fuses one) and against the memory floor measured
 same run: a copy of the same bytes (x.clone(), allocation included); the forward floor
 is 1 copy (read x, write y), the backward 1.5 copies (read x and dy, write dx).
 Variants run interleaved, round after round, so machine drift hits all of them alike;
-the reported figure is the median over rounds, after warm-up.
+the reported figure is the median over rounds, after warm-up. On the CPU each variant's
+minor page faults per call are counted too (ours_faults, torch_faults): with glibc's
+default settings, tensors of tens of MiB get fresh pages on every allocation, and in a VM
+those faults can cost more than the kernel; --steady-malloc reruns with glibc keeping
+freed memory, which shows the kernels themselves.
 
 Suites (CPU): resnet (ResNet-50 stage shapes at batch 2, 8, 32, G=32), diffusion
 (UNet/VAE shapes at batch 1, G=32, SiLU), 3d (N, C, D, H, W segmentation shapes, G=8),
@@ -19,6 +23,7 @@ GroupNorm, torch.nn.GroupNorm and torch.nn.BatchNorm2d.
 Examples:
   groupnorm bench --quick --out /tmp/gnbench
   groupnorm bench --suite resnet diffusion --layouts channels_last --plot --out results/
+  groupnorm bench --suite resnet --steady-malloc --out results/
   groupnorm bench --device cuda --suite gpu --out results/
 """
 
@@ -100,14 +105,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time whole training steps (forward, backward, SGD) of a small ResNet")
     parser.add_argument("--out", type=Path, default=None, help="directory for bench.csv, bench.json (and bench.png)")
     parser.add_argument("--plot", action="store_true", help="also save a PNG of the speedups (needs --out)")
+    parser.add_argument("--steady-malloc", action="store_true",
+                        help="rerun this command with glibc told to keep freed memory (MALLOC_MMAP_THRESHOLD_, "
+                             "MALLOC_TRIM_THRESHOLD_): tensors of tens of MiB then stop page-faulting on every "
+                             "allocation, for torch and groupnorm alike, and the figures show the kernels "
+                             "rather than the kernel's page-fault cost (the faults/call columns show which you got)")
 
 
 # ----------------------------------------------------------------------------- timing
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (first touches of fresh pages), 0 where unknown."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except (ImportError, OSError):  # pragma: no cover - not POSIX
+        return 0
+
+
 class Timer:
-    """Seconds per call of fn: CPU wall clock, or CUDA events on a GPU."""
+    """Seconds per call of fn: CPU wall clock, or CUDA events on a GPU. On the CPU it also
+    leaves the minor page faults per call of the last measurement in ``faults``."""
 
     def __init__(self, device: str):
         self.cuda = device == "cuda"
+        self.faults = 0.0
 
     def __call__(self, fn, calls: int = 1) -> float:
         if self.cuda:
@@ -118,14 +140,17 @@ class Timer:
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1e3 / calls
+        f0 = _minor_faults()
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
-        return (time.perf_counter() - t0) / calls
+        t = (time.perf_counter() - t0) / calls
+        self.faults = (_minor_faults() - f0) / calls
+        return t
 
 
 def time_interleaved(fns: dict, timer: Timer, repeats: int, warmup: int, min_sample_s: float = 2e-3,
-                     budget_s: float = 2.0) -> dict:
+                     budget_s: float = 2.0, faults: dict | None = None) -> dict:
     """Median seconds per call of each fn, timed round-robin, the order rotated every round
     (A, B, C, then B, C, A, then C, A, B, ...): what one variant leaves behind (the allocator's
     heap, caches) then falls on every other variant alike, not always on the same neighbour.
@@ -133,7 +158,8 @@ def time_interleaved(fns: dict, timer: Timer, repeats: int, warmup: int, min_sam
     Fast functions are called several times per sample so that one sample lasts about
     min_sample_s (timer resolution stays negligible). At least ``repeats`` rounds are
     run, more (up to 10x) while a round is cheap against ``budget_s``: on a busy machine
-    more rounds make the median robust to preemption."""
+    more rounds make the median robust to preemption. ``faults``, if given, receives each
+    fn's median minor page faults per call (CPU)."""
     calls = {}
     for name, fn in fns.items():
         for _ in range(max(1, warmup)):
@@ -141,6 +167,7 @@ def time_interleaved(fns: dict, timer: Timer, repeats: int, warmup: int, min_sam
         t = timer(fn)
         calls[name] = max(1, min(1000, int(min_sample_s / max(t, 1e-7))))
     samples = {name: [] for name in fns}
+    fault_samples = {name: [] for name in fns}
     start = time.perf_counter()
     rounds = 0
     while rounds < repeats or (rounds < 10 * repeats and (time.perf_counter() - start) * (rounds + 1) / rounds < budget_s):
@@ -148,7 +175,10 @@ def time_interleaved(fns: dict, timer: Timer, repeats: int, warmup: int, min_sam
         k = rounds % len(names)
         for name in names[k:] + names[:k]:
             samples[name].append(timer(fns[name], calls[name]))
+            fault_samples[name].append(timer.faults)
         rounds += 1
+    if faults is not None:
+        faults.update({name: statistics.median(v) for name, v in fault_samples.items()})
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
@@ -221,7 +251,8 @@ def bench_case(shape, G, act, layout, dtype, device, backend, timer, repeats, wa
         "ours_fwdbwd": lambda: torch.autograd.grad(ours(x), params_ours, dy),
         "torch_fwdbwd": lambda: torch.autograd.grad(ref(x), params_ref, dy),
     }
-    t = time_interleaved(fns, timer, repeats, warmup)
+    faults = {}
+    t = time_interleaved(fns, timer, repeats, warmup, faults=faults)
     nbytes = x.numel() * x.element_size()
     copy_gbps = 2 * nbytes / t["floor"] / 1e9
     rows = []
@@ -245,6 +276,9 @@ def bench_case(shape, G, act, layout, dtype, device, backend, timer, repeats, wa
             "vs_floor": ours_s / floor_s,
             "ours_gbps": passes * nbytes / ours_s / 1e9,
             "copy_gbps": copy_gbps,
+            "ours_faults": faults[f"ours_{pas}"],
+            "torch_faults": faults[f"torch_{pas}"],
+            "floor_faults": faults["floor"],
         })
     return rows
 
@@ -396,9 +430,9 @@ def _fmt_table(rows, cols, fmts) -> str:
 
 
 ROW_COLS = ["shape", "groups", "activation", "layout", "dtype", "mib", "pass", "ours_ms", "torch_ms", "floor_ms",
-            "speedup", "vs_floor", "ours_gbps"]
+            "speedup", "vs_floor", "ours_gbps", "ours_faults", "torch_faults"]
 ROW_FMTS = {"mib": "{:.2f}", "ours_ms": "{:.3f}", "torch_ms": "{:.3f}", "floor_ms": "{:.3f}", "speedup": "{:.2f}x",
-            "vs_floor": "{:.2f}x", "ours_gbps": "{:.1f}"}
+            "vs_floor": "{:.2f}x", "ours_gbps": "{:.1f}", "ours_faults": "{:.0f}", "torch_faults": "{:.0f}"}
 TRAIN_COLS = ["model", "norm", "layout", "batch", "image", "step_ms", "vs_batchnorm"]
 TRAIN_FMTS = {"step_ms": "{:.1f}", "vs_batchnorm": "{:.2f}x"}
 
@@ -413,6 +447,7 @@ def machine_info(device: str) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "command": "groupnorm " + " ".join(sys.argv[1:]) if "bench" in sys.argv[1:2] else "",
+        "malloc": {k: os.environ[k] for k in STEADY_MALLOC if k in os.environ} or "default",
     }
     try:
         import numba
@@ -494,8 +529,23 @@ def _plot(path: Path, rows) -> Path:
 
 
 # ----------------------------------------------------------------------------- main
+# glibc serves allocations over its mmap threshold (128 KiB, rising to at most 32 MiB as large
+# blocks are freed) with fresh pages and gives freed heap tops back to the OS, so a 50 MiB
+# activation page-faults on every allocation; in a VM that can cost more than the kernel itself.
+# These settings (read by glibc at process start) keep freed memory in the heap instead.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
+
+
+def _reexec_with_steady_malloc(argv: list[str]) -> None:
+    env = dict(os.environ, **STEADY_MALLOC)
+    print("groupnorm bench: restarting with " + " ".join(f"{k}={v}" for k, v in STEADY_MALLOC.items()), flush=True)
+    os.execve(sys.executable, [sys.executable, "-m", "groupnorm", *argv], env)
+
+
 def main(args) -> int:
     device = args.device
+    if getattr(args, "steady_malloc", False) and any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):
+        _reexec_with_steady_malloc(getattr(args, "_argv", None) or sys.argv[1:])  # does not return
     if device == "cuda" and not torch.cuda.is_available():
         print("groupnorm bench: --device cuda was given but no CUDA GPU is visible", file=sys.stderr)
         return 2
@@ -528,6 +578,7 @@ def main(args) -> int:
           + (f", {info.get('gpu')}" if device == "cuda" else "")
           + f"; torch {info['torch']}, numba {info.get('numba')}"
           + (f", native fast lane {info.get('native_fast_lane')}" if device == "cpu" else "")
+          + (f", malloc {'steady' if info['malloc'] != 'default' else 'default (see --steady-malloc)'}" if device == "cpu" else "")
           + f"; {args.repeats} interleaved rounds, medians", flush=True)
 
     rows = []

@@ -70,3 +70,42 @@ def test_suites_are_well_formed():
         for shape, groups, act in cases:
             assert shape[1] % groups == 0, f"{name}: {shape} has channels not divisible by G={groups}"
             assert act in bench.ACT_MODULES
+
+
+def test_bench_counts_page_faults(quick_run):
+    rc, out = quick_run
+    with open(out / "bench.csv") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for col in ("ours_faults", "torch_faults", "floor_faults"):
+            v = float(r[col])
+            assert math.isfinite(v) and v >= 0, f"{col}={r[col]!r} in {r}"
+    assert json.loads((out / "bench.json").read_text())["machine"]["malloc"] in ("default", bench.STEADY_MALLOC)
+
+
+def test_timer_sees_the_page_faults_of_fresh_memory():
+    """64 MiB is above glibc's largest mmap threshold: every allocation maps fresh pages, and the
+    first touch of each faults; the Timer must report them (the bench's faults columns come from it)."""
+    import numpy as np
+
+    timer = bench.Timer("cpu")
+    timer(lambda: np.ones(1 << 24, dtype=np.float32), calls=2)
+    assert timer.faults >= 1
+    buf = np.ones(1 << 20, dtype=np.float32)
+    timer(lambda: buf.fill(2.0), calls=2)  # touches only pages it already has
+    assert timer.faults < 8
+
+
+def test_steady_malloc_restarts_the_bench_with_glibc_settings(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "steady"
+    done = subprocess.run(
+        [sys.executable, "-m", "groupnorm", "bench", "--quick", "--train", "no", "--layouts", "contiguous",
+         "--repeats", "1", "--warmup", "0", "--threads", "1", "--steady-malloc", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "restarting with MALLOC_MMAP_THRESHOLD_" in done.stdout and "malloc steady" in done.stdout
+    assert json.loads((out / "bench.json").read_text())["machine"]["malloc"] == bench.STEADY_MALLOC
