@@ -1,4 +1,4 @@
-"""Spot measurements quoted in BENCHMARKS.md (session 3) that `groupnorm bench` does not make.
+"""Spot measurements quoted in BENCHMARKS.md (sessions 3 and 4) that `groupnorm bench` does not make.
 
     python scripts/spot_checks.py silu                     # the float32 SiLU loop, 1M elements, one thread
     python scripts/spot_checks.py large-mean               # ATen vs groupnorm error at a large mean (float32)
@@ -9,12 +9,26 @@ kernels); run it from two checkouts (e.g. a ``git worktree``) to compare version
 large-mean: max |error| against float64 of torch.nn.functional.group_norm and groupnorm.group_norm on
 float32 input of mean 1e3/1e4/1e5 and std 0.1, both layouts, G = 8.
 paths: one layer's forward+backward through the compiled fast lane, the Python path and
-torch.nn.GroupNorm, alternated with the order rotated every round; medians in ms.
+torch.nn.GroupNorm, alternated with the order rotated every round; medians in ms and minor page
+faults per call (run it once plainly and once with MALLOC_MMAP_THRESHOLD_=4294967296
+MALLOC_TRIM_THRESHOLD_=17179869184 to see what fresh-page faults cost).
+
+Session 4 additions:
+
+    python scripts/spot_checks.py kernel-ab --old /path/to/older/checkout bwd 8x2048x7x7 2x2048x7x7
+    python scripts/spot_checks.py forward-floor        # our forward kernel vs a copy, 32x256x56x56, in-process
+    python scripts/spot_checks.py nt-store             # plain vs non-temporal stores over 98 MiB
+    python scripts/spot_checks.py train-profile        # norm + ReLU vs convolution time in the bench's channels-last ResNet step
+
+kernel-ab: the contiguous numba kernels (fwd or bwd, float32, G = 32, no activation) of this checkout
+and of an older one (its cpu.py loaded under another module name), and ATen's, called directly,
+rotated, 12 rounds of 15-call medians; prints both ratios and whether old and new agree bitwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 
@@ -75,33 +89,220 @@ def paths(shape: tuple, threads: int, rounds: int) -> None:
 
     variants = {"fast lane": run(ours, True), "Python path": run(ours, False), "torch": run(ref, True)}
     samples = {k: [] for k in variants}
+    faults = {k: [] for k in variants}
     for f in variants.values():
         f()
     names = list(variants)
     for r in range(rounds):
         k = r % len(names)
         for name in names[k:] + names[:k]:
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t = time.perf_counter()
             variants[name]()
             samples[name].append(time.perf_counter() - t)
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     native.enabled = True
     print(f"{shape}, {threads} thread(s), fwd+bwd medians of {rounds}: "
-          + ", ".join(f"{k} {statistics.median(v) * 1e3:.2f} ms" for k, v in samples.items()))
+          + ", ".join(f"{k} {statistics.median(v) * 1e3:.2f} ms ({statistics.median(faults[k]):.0f} faults)"
+                      for k, v in samples.items()))
+
+
+def _medians_rotated(cases: dict, rounds: int, calls: int) -> dict:
+    for f in cases.values():
+        f()
+        f()
+    samples = {k: [] for k in cases}
+    names = list(cases)
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            ts = []
+            for _ in range(calls):
+                t = time.perf_counter()
+                cases[name]()
+                ts.append(time.perf_counter() - t)
+            samples[name].append(statistics.median(ts))
+    return {k: statistics.median(v) * 1e6 for k, v in samples.items()}
+
+
+def kernel_ab(old_root: str, which: str, shapes: list, threads: int) -> None:
+    import importlib.util
+    import shutil
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    # a copy in a fresh directory: numba's on-disk cache (kept next to the file) pickles the module
+    # name, so the old checkout's own cache must not be read under another name
+    path = Path(tempfile.mkdtemp()) / "groupnorm_old_cpu.py"
+    shutil.copy(Path(old_root) / "groupnorm" / "backends" / "cpu.py", path)
+    spec = importlib.util.spec_from_file_location("groupnorm_old_cpu", path)
+    old = importlib.util.module_from_spec(spec)
+    sys.modules["groupnorm_old_cpu"] = old
+    spec.loader.exec_module(old)
+    numba.set_num_threads(threads)
+    torch.set_num_threads(threads)
+    for shape in shapes:
+        N, C, G = shape[0], shape[1], 32
+        S = int(np.prod(shape[2:]))
+        xt, dyt = torch.randn(shape) * 3 + 2, torch.randn(shape)
+        wt, bt = torch.randn(C), torch.randn(C)
+        _, mean, rstd = torch.ops.aten.native_group_norm(xt, wt, bt, N, C, S, G, 1e-5)
+        x, dy, w, b = xt.numpy().ravel(), dyt.numpy().ravel(), wt.numpy(), bt.numpy()
+        st = np.empty(N * G * 3, np.float32)
+        nch = cpu._plan(N, C, S, G, False, threads)[1]
+        cpu._forward_nc(x, np.empty_like(x), w, b, st, N, C, S, G, 1e-5, 0, nch)
+        out = {}
+
+        def mk(mod, key):
+            if which == "bwd":
+                dx, dw, db = np.empty_like(x), np.empty(C, np.float32), np.empty(C, np.float32)
+                return lambda: (mod._backward_nc(dy, x, dx, dw, db, w, b, st, N, C, S, G, 0, nch), out.__setitem__(key, (dx, dw, db)))
+            y, s2 = np.empty_like(x), np.empty_like(st)
+            return lambda: (mod._forward_nc(x, y, w, b, s2, N, C, S, G, 1e-5, 0, nch), out.__setitem__(key, (y, s2)))
+
+        cases = {"old": mk(old, "old"), "new": mk(cpu, "new")}
+        if which == "bwd":
+            cases["aten"] = lambda: torch.ops.aten.native_group_norm_backward(dyt, xt, mean, rstd, wt, N, C, S, G, [True] * 3)
+        else:
+            cases["aten"] = lambda: torch.ops.aten.native_group_norm(xt, wt, bt, N, C, S, G, 1e-5)
+        m = _medians_rotated(cases, 12, 15)
+        same = all(np.array_equal(a, e) for a, e in zip(out["old"], out["new"]))
+        print(f"{which} {threads} thread(s) {shape}: " + ", ".join(f"{k} {v:.1f} us" for k, v in m.items())
+              + f"; new/old {m['old'] / m['new']:.2f}x, aten/new {m['aten'] / m['new']:.2f}x, bitwise equal: {same}")
+
+
+def forward_floor(threads: int) -> None:
+    numba.set_num_threads(threads)
+    torch.set_num_threads(threads)
+    shape, G = (32, 256, 56, 56), 32
+    N, C, S = 32, 256, 56 * 56
+    xt = torch.randn(shape)
+    x, y = xt.numpy().ravel(), np.empty(xt.numel(), np.float32)
+    w, b, st = np.ones(C, np.float32), np.zeros(C, np.float32), np.empty(N * G * 3, np.float32)
+    yt = torch.empty_like(xt)
+    cases = {
+        "our forward kernel": lambda: cpu._forward_nc(x, y, w, b, st, N, C, S, G, 1e-5, 0, 0),
+        "torch copy_ into an existing tensor": lambda: yt.copy_(xt),
+        "torch clone": lambda: xt.clone(),
+        "ATen forward": lambda: torch.native_group_norm(xt, None, None, N, C, S, G, 1e-5),
+    }
+    m = _medians_rotated(cases, 9, 1)
+    print(f"{shape}, {threads} thread(s), medians: " + ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in m.items()))
+
+
+def nt_store() -> None:
+    from llvmlite import ir
+    from numba.core import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def store8_nontemporal(typingctx, arr, idx, a0, a1, a2, a3, a4, a5, a6, a7):
+        sig = types.void(arr, idx, a0, a1, a2, a3, a4, a5, a6, a7)
+
+        def codegen(context, builder, signature, args):
+            ary = context.make_array(signature.args[0])(context, builder, args[0])
+            vty = ir.VectorType(context.get_data_type(signature.args[0].dtype), 8)
+            vec = ir.Constant(vty, ir.Undefined)
+            for k in range(8):
+                vec = builder.insert_element(vec, args[2 + k], ir.Constant(ir.IntType(32), k))
+            ptr = builder.bitcast(builder.gep(ary.data, [args[1]], inbounds=True), vty.as_pointer())
+            store = builder.store(vec, ptr, align=16)  # numpy buffers: 16-byte aligned
+            store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+
+        return sig, codegen
+
+    @numba.njit(error_model="numpy")
+    def plain(x, y, m, a, b):
+        for i in range(x.shape[0]):
+            j = np.uint64(i)
+            y[j] = (x[j] - m) * a + b
+
+    @numba.njit(error_model="numpy")
+    def nontemporal(x, y, m, a, b):
+        n = x.shape[0]
+        i = 0
+        while i + 8 <= n:
+            j = np.uint64(i)
+            u = np.uint64
+            store8_nontemporal(y, j, (x[j] - m) * a + b, (x[j + u(1)] - m) * a + b, (x[j + u(2)] - m) * a + b,
+                               (x[j + u(3)] - m) * a + b, (x[j + u(4)] - m) * a + b, (x[j + u(5)] - m) * a + b,
+                               (x[j + u(6)] - m) * a + b, (x[j + u(7)] - m) * a + b)
+            i += 8
+        while i < n:
+            y[i] = (x[i] - m) * a + b
+            i += 1
+
+    x = np.random.default_rng(0).random(98 * 2**20 // 4, dtype=np.float32)
+    y1, y2 = np.empty_like(x), np.empty_like(x)
+    m, a, b = np.float32(0.5), np.float32(2.0), np.float32(0.1)
+    plain(x, y1, m, a, b)
+    nontemporal(x, y2, m, a, b)
+    assert np.array_equal(y1, y2)
+    r = _medians_rotated({"plain stores": lambda: plain(x, y1, m, a, b),
+                          "non-temporal stores": lambda: nontemporal(x, y2, m, a, b),
+                          "np.copyto": lambda: np.copyto(y1, x)}, 3, 9)
+    print("98 MiB elementwise pass, one thread, medians: " + ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in r.items()))
+
+
+def train_profile() -> None:
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    from groupnorm.bench import SmallResNet, _norms, _to_layout
+
+    torch.manual_seed(0)
+    x = _to_layout(torch.randn(32, 3, 32, 32), "channels_last")
+    target = torch.randint(0, 10, (32,))
+    norm_ops = {"groupnorm": ("groupnorm_native", "GroupNormFunction", "clamp_min", "threshold_backward"),
+                "torch.nn.BatchNorm2d": ("batch_norm", "clamp_min", "threshold_backward")}
+    for name, norm in _norms(8).items():
+        if name not in norm_ops:
+            continue
+        model = SmallResNet(norm, (32, 64, 128)).to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), target).backward()
+            opt.step()
+
+        for _ in range(3):
+            step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                step()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events) / 5e3
+        norm_ms = sum(e.self_cpu_time_total for e in events if any(k in e.key for k in norm_ops[name])) / 5e3
+        conv_ms = sum(e.self_cpu_time_total for e in events if "convolution" in e.key) / 5e3
+        print(f"{name}: per step {total:.1f} ms, norm + every ReLU {norm_ms:.1f} ms, convolutions {conv_ms:.1f} ms")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["silu", "large-mean", "paths"])
-    p.add_argument("shape", type=int, nargs="*", default=[32, 1024, 14, 14])
+    p.add_argument("what", choices=["silu", "large-mean", "paths", "kernel-ab", "forward-floor", "nt-store", "train-profile"])
+    p.add_argument("args", nargs="*", help="paths: a shape (default 32 1024 14 14); kernel-ab: fwd|bwd then shapes like 8x2048x7x7")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
-    a = p.parse_args()
+    p.add_argument("--old", help="kernel-ab: root of the older checkout")
+    a = p.parse_intermixed_args()
     if a.what == "silu":
         silu()
     elif a.what == "large-mean":
         large_mean()
+    elif a.what == "kernel-ab":
+        if not a.old or not a.args or a.args[0] not in ("fwd", "bwd"):
+            p.error("kernel-ab needs --old CHECKOUT, then fwd or bwd, then shapes such as 8x2048x7x7")
+        kernel_ab(a.old, a.args[0], [tuple(int(v) for v in s.split("x")) for s in a.args[1:]] or [(8, 2048, 7, 7)], a.threads)
+    elif a.what == "forward-floor":
+        forward_floor(a.threads)
+    elif a.what == "nt-store":
+        nt_store()
+    elif a.what == "train-profile":
+        train_profile()
     else:
-        paths(tuple(a.shape), a.threads, a.rounds)
+        paths(tuple(int(v) for v in a.args) if a.args else (32, 1024, 14, 14), a.threads, a.rounds)
 
 
 if __name__ == "__main__":
