@@ -56,6 +56,9 @@ CASES = [
     ((5, 6), 2, "contiguous"),
     ((1, 6, 128, 128), 3, "contiguous"),
     ((1, 16, 64, 64), 4, "channels_last"),
+    ((1, 6, 1, 5), 3, "channels_last"),  # size-1 dims: their strides do not count for the layout
+    ((2, 4, 5, 1), 2, "channels_last"),
+    ((3, 4, 1, 1, 2), 2, "channels_last"),
 ]
 
 
@@ -119,6 +122,17 @@ def test_fast_lane_strided_input_and_broadcast_grad(monkeypatch):
         y.sum().backward()
         out[fast] = (y.detach(), xv.grad)
     assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+
+
+def test_fast_lane_channels_last_with_an_odd_stride_on_a_size_one_dim(monkeypatch):
+    """A size-1 dim may carry any stride; the layout check (C++ and Python alike) ignores it."""
+    base = make_input((2, 6, 1, 5), layout="channels_last", seed=14).contiguous().flatten()
+    x = base.as_strided((2, 6, 1, 5), (30, 1, 999, 6))
+    dy = make_input((2, 6, 1, 5), layout="channels_last", seed=15)
+    y1, g1 = _run(x.requires_grad_(), None, None, 3, "silu", dy, True, monkeypatch)
+    y0, g0 = _run(x, None, None, 3, "silu", dy, False, monkeypatch)
+    assert torch.equal(y1, y0) and torch.equal(g1[0], g0[0])
+    torch.testing.assert_close(y1, torch.nn.functional.silu(torch.nn.functional.group_norm(x.detach(), 3)))
 
 
 def test_fast_lane_no_grad_and_inplace_after_forward():

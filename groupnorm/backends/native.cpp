@@ -53,14 +53,32 @@ at::ScalarType kernel_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// t.movedim(1, -1).is_contiguous() without making the view: dims from the innermost of the
+// (N, *spatial, C) order outwards, size-1 dims ignored as is_contiguous() ignores them.
+bool channels_inner_dense(const at::Tensor& t) {
+  const int64_t d = t.dim();
+  int64_t expected = 1;
+  auto check = [&](int64_t dim) {
+    const int64_t n = t.size(dim);
+    if (n == 1) return true;
+    if (t.stride(dim) != expected) return false;
+    expected *= n;
+    return true;
+  };
+  if (!check(1)) return false;
+  for (int64_t dim = d - 1; dim >= 2; --dim)
+    if (!check(dim)) return false;
+  return check(0);
+}
+
 bool is_channels_last_dense(const at::Tensor& t) {
-  return !t.is_contiguous() && t.movedim(1, -1).is_contiguous();
+  return !t.is_contiguous() && channels_inner_dense(t);
 }
 
 // x in the kernel dtype, contiguous or channels-last dense (read in place when it already is).
 at::Tensor kernel_input(const at::Tensor& x, at::ScalarType kdt) {
   at::Tensor t = x.scalar_type() == kdt ? x : x.to(kdt);
-  if (t.is_contiguous() || t.movedim(1, -1).is_contiguous()) return t;
+  if (t.is_contiguous() || channels_inner_dense(t)) return t;
   return t.contiguous();
 }
 
