@@ -317,16 +317,17 @@ _LANE_CODES = {None: 0, "none": 0, "relu": 1, "silu": 2, "gelu": 3}  # = cpu.ACT
 
 
 def _front_allowed(lane) -> bool:
-    """The numba fast lane may take this call directly: eager mode, no functorch transform, no
-    backend forced by use_backend()/$GROUPNORM_BACKEND, the lane switched on, the numba
+    """The numba fast lane may take this call directly: eager mode (not compiling, not tracing), no
+    functorch transform, no backend forced by use_backend()/$GROUPNORM_BACKEND, the lane switched on, the numba
     backend's automatic work split (tests force others). Then "auto" would pick numba for any
     CPU float input, which is what the fast lane runs."""
+    if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:  # torch.jit.trace: the
+        return False  # tracer cannot record an op that returns Tensor? (the fast lane's own op traces)
     cpu = lane.numba_backend_module()
     return (
         lane.enabled
         and cpu is not None
         and cpu.split_mode == "auto"
-        and not torch.compiler.is_compiling()
         and not _functorch_active()
         and not backends.forced()
     )

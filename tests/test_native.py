@@ -291,6 +291,20 @@ def test_front_respects_every_way_of_forcing_a_path(monkeypatch):
     assert "GroupNormFunction" not in group_norm(x, 4).grad_fn.name()
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_jit_trace_of_a_model_with_groupnorm(monkeypatch):
+    """torch.jit.trace cannot record an op returning Tensor?: while tracing, the C++ front steps aside
+    (the fast lane's own op, or the Python path, is what gets recorded)."""
+    _front_ready()
+    torch.manual_seed(25)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), groupnorm.GroupNorm(4, 8, activation="silu"))
+    x = torch.randn(2, 3, 8, 8)
+    traced = torch.jit.trace(model, x)
+    assert torch.equal(traced(x), model(x))
+    x2 = torch.randn(3, 3, 10, 10).to(memory_format=torch.channels_last)
+    torch.testing.assert_close(traced(x2), model(x2))
+
+
 def test_without_a_compiler_the_python_path_runs_and_status_says_why(tmp_path):
     """No library in the cache and no compiler: a one-line reason, and results all the same."""
     code = (
