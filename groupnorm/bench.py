@@ -106,8 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="directory for bench.csv, bench.json (and bench.png)")
     parser.add_argument("--plot", action="store_true", help="also save a PNG of the speedups (needs --out)")
     parser.add_argument("--steady-malloc", action="store_true",
-                        help="rerun this command with glibc told to keep freed memory (MALLOC_MMAP_THRESHOLD_, "
-                             "MALLOC_TRIM_THRESHOLD_): tensors of tens of MiB then stop page-faulting on every "
+                        help="(Linux/glibc) rerun this command with glibc told to keep freed memory (MALLOC_MMAP_THRESHOLD_, "
+                             "MALLOC_TRIM_THRESHOLD_): tensors of tens of MiB then stop page-faulting on most "
                              "allocation, for torch and groupnorm alike, and the figures show the kernels "
                              "rather than the kernel's page-fault cost (the faults/call columns show which you got)")
 
