@@ -277,6 +277,7 @@ def group_norm(
         and backend is None
         and type(input) is Tensor
         and type(num_groups) is int
+        and 0 < num_groups < 1 << 62  # the op takes an int64; others get the Python path's error
         and type(eps) is float
         and (activation is None or type(activation) is str)
         and (weight is None or isinstance(weight, Tensor))

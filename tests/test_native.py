@@ -235,6 +235,8 @@ BAD_CALLS = {
     "zero groups": lambda: ((_X, 0), {}),
     "more groups than channels": lambda: ((_X, 8), {}),
     "float num_groups": lambda: ((_X, 2.0), {}),
+    "num_groups beyond int64": lambda: ((_X, 2**70), {}),
+    "negative num_groups beyond int64": lambda: ((_X, -(2**70)), {}),
     "bool num_groups": lambda: ((_X, True), {}),
     "zero eps": lambda: ((_X, 2, None, None, 0.0), {}),
     "negative eps": lambda: ((_X, 2, None, None, -1e-5), {}),

@@ -287,7 +287,7 @@ def _row_sums_plain(dy, x, lo, e0, e1, mh, k):
 def _short_rows_sums_plain(dy, x, A, B, po, lo, rows, S, mh, k):
     """_row_sums_plain over whole rows of at most _SHORT_ROW elements, rows lo/S .. + rows of one
     group (mh is the group's): one call and one loop nest for the group instead of a call per
-    row, which is most of the cost when rows are short (7x7, 14x14 maps). Same sums, same
+    row, which is most of the cost when rows are short (7x7, 8x8 maps). Same sums, same
     order as the general path."""
     for c in range(rows):
         r0 = lo + c * S
