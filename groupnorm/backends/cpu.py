@@ -434,6 +434,16 @@ def _affine_coefs(cf, st, n, g, C, Cg, w, b):
 
 
 @njit(**_SERIAL)
+def _mean_coefs(cf, st, n, g, C, Cg):
+    """cf[n, MH, c] only, for the channels of group g: all that the backward without an
+    activation reads of the affine coefficients (a and b recompute z for act' alone)."""
+    mh = st[3 * (n * (C // Cg) + g)]
+    base = n * 6 * C + _MH * C
+    for c in range(g * Cg, (g + 1) * Cg):
+        cf[base + c] = mh
+
+
+@njit(**_SERIAL)
 def _dx_coefs(cf, st, A, B, n, g, C, Cg, S, w):
     """From per-channel sums A = sum g and T = sum g (x - mh) (held in B), finish
     B = sum g * xhat and write cf[n, P/Q/R, c] for the channels of group g."""
@@ -562,8 +572,10 @@ def _backward_nc(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
         if nch == 0:
             n = it // G
             g = it - n * G
-            base = n * 6 * C
-            _affine_coefs(cf, st, n, g, C, Cg, w, b)
+            if act == 0:
+                _mean_coefs(cf, st, n, g, C, Cg)
+            else:
+                _affine_coefs(cf, st, n, g, C, Cg, w, b)
             _nc_grad_sums(dy, x, dx, cf, A, B, n * C + g * Cg, n, g * Cg, (g + 1) * Cg, 0, S, C, S, act, k)
             _dx_coefs(cf, st, A, B, n, g, C, Cg, S, w)
             c0, c1, s0, s1 = g * Cg, (g + 1) * Cg, 0, S
