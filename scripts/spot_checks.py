@@ -5,7 +5,8 @@
     python scripts/spot_checks.py paths 32 1024 14 14      # fwd+bwd: fast lane vs Python path vs torch
 
 silu: medians of 20 calls of a jitted loop over ``cpu._silu`` (the fused activation of the numba
-kernels); run it from two checkouts (e.g. a ``git worktree``) to compare versions.
+kernels); run it from two checkouts (e.g. a ``git worktree``) with ``PYTHONPATH=<that checkout>`` to
+compare versions (without it, ``import groupnorm`` finds the installed, editable checkout).
 large-mean: max |error| against float64 of torch.nn.functional.group_norm and groupnorm.group_norm on
 float32 input of mean 1e3/1e4/1e5 and std 0.1, both layouts, G = 8.
 paths: one layer's forward+backward through the compiled fast lane, the Python path and

