@@ -314,7 +314,7 @@ def group_norm(
     return _forward_impl(input, weight, bias, num_groups, float(eps), act, name)[0]
 
 
-_LANE_CODES = {None: 0, "none": 0, "relu": 1, "silu": 2, "gelu": 3}  # = cpu.ACT_CODES, without importing numba
+_LANE_CODES = {None: 0, **backends.ACT_CODES}
 
 
 def _front_allowed(lane) -> bool:

@@ -49,6 +49,7 @@ import os
 import threading
 
 ACTIVATIONS = ("none", "relu", "silu", "gelu")
+ACT_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}  # the kernels' integer activation codes
 ENV_VAR = "GROUPNORM_BACKEND"
 
 # name -> module that defines BACKEND; imported lazily so that a missing numba or
@@ -142,10 +143,7 @@ def env_backend() -> str:
 
 def forced() -> bool:
     """True when a use_backend() context or $GROUPNORM_BACKEND names a backend other than auto."""
-    stack = getattr(_local, "forced", None)
-    if stack:
-        return stack[-1] != "auto"
-    name = env_backend()
+    name = requested() or env_backend()  # select()'s order
     return bool(name) and name != "auto"
 
 

@@ -38,9 +38,7 @@ from numba.core import types
 from numba.extending import intrinsic, overload
 from numba.np.ufunc import parallel as _numba_parallel
 
-from groupnorm.backends import native
-
-ACT_CODES = {"none": 0, "relu": 1, "silu": 2, "gelu": 3}
+from groupnorm.backends import ACT_CODES, native
 
 # "auto" picks the work decomposition from the shape and the thread count; tests force
 # "fused" (one item per group / sample) or "split" (reduction split into chunks).

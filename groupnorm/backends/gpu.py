@@ -63,11 +63,12 @@ except ImportError as _exc:  # pragma: no cover - exercised only without triton
 
 import torch
 
+from groupnorm.backends import ACT_CODES
+
 _ENV = "TRITON_INTERPRET"
 # Whether the kernels below were built for the interpreter (decided at decoration time).
 _INTERPRETED = _IMPORT_ERROR is None and os.environ.get(_ENV, "0") not in ("", "0")
 
-_ACT_CODE = {"none": 0, "relu": 1, "silu": 2, "gelu": 3}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -741,7 +742,7 @@ class TritonBackend:
         return None
 
     def supports(self, x, activation):
-        if _IMPORT_ERROR is not None or activation not in _ACT_CODE or x.dtype not in _DTYPES:
+        if _IMPORT_ERROR is not None or activation not in ACT_CODES or x.dtype not in _DTYPES:
             return False
         if x.dim() < 2 or x.numel() == 0:
             return False
@@ -760,7 +761,7 @@ class TritonBackend:
             raise ValueError(f"num_channels {C} is not divisible by num_groups {G}")
         p = _plan(N, C, S, G, cl, x.device)
         CG = p["CG"]
-        act = _ACT_CODE[activation]
+        act = ACT_CODES[activation]
         y = torch.empty_like(x)
         stats = torch.empty((N, G, 3), device=x.device, dtype=torch.float32)
         w = weight if weight is not None else _dummy(x)
@@ -803,7 +804,7 @@ class TritonBackend:
         G = int(num_groups)
         p = _plan(N, C, S, G, cl, x.device, "backward")
         CG = p["CG"]
-        act = _ACT_CODE[activation]
+        act = ACT_CODES[activation]
         need_dx = bool(output_mask[0])
         need_dw = bool(output_mask[1]) and weight is not None
         need_db = bool(output_mask[2]) and bias is not None

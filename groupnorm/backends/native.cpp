@@ -44,10 +44,7 @@ void set_kernels(int64_t dtype_index, int64_t forward, int64_t backward) {
   g_backward[dtype_index].store(backward);
 }
 
-bool kernels_ready(int64_t dtype_index) {
-  TORCH_CHECK(dtype_index == 0 || dtype_index == 1, "groupnorm_native.kernels_ready: dtype index must be 0 or 1");
-  return g_forward[dtype_index].load() != 0 && g_backward[dtype_index].load() != 0;
-}
+bool kernels_ready(int idx) { return g_forward[idx].load() != 0 && g_backward[idx].load() != 0; }
 
 at::ScalarType kernel_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -230,8 +227,7 @@ std::optional<at::Tensor> try_group_norm(const at::Tensor& x, const std::optiona
   if (num_groups <= 0 || num_groups > C || C % num_groups != 0) return std::nullopt;
   if (!(eps > 0.0 && eps < std::numeric_limits<double>::infinity())) return std::nullopt;
   if (act < 0 || act > 3 || !param_ok(weight, x, C) || !param_ok(bias, x, C)) return std::nullopt;
-  const int idx = t == at::kDouble ? 1 : 0;
-  if (g_forward[idx].load() == 0 || g_backward[idx].load() == 0) return std::nullopt;
+  if (!kernels_ready(t == at::kDouble ? 1 : 0)) return std::nullopt;
   return GroupNormFunction::apply(x, weight, bias, num_groups, eps, act);
 }
 
@@ -243,5 +239,4 @@ TORCH_LIBRARY(groupnorm_native, m) {
   m.def("try_group_norm(Tensor x, Tensor? weight, Tensor? bias, int num_groups, float eps, int activation) -> Tensor?",
         &try_group_norm);
   m.def("set_kernels(int dtype_index, int forward, int backward) -> ()", &set_kernels);
-  m.def("kernels_ready(int dtype_index) -> bool", &kernels_ready);
 }

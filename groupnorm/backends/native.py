@@ -248,10 +248,9 @@ def _define_differentiable_grads() -> None:
 
 
 def _differentiable_grads(dy, x, weight, bias, num_groups, eps, activation, need_dx, need_dw, need_db):
-    from groupnorm.backends.cpu import ACT_CODES
     from groupnorm.functional import differentiable_grads
 
-    act = {code: name for name, code in ACT_CODES.items()}[activation]
+    act = backends.ACTIVATIONS[activation]
     grads = differentiable_grads(dy, x, weight, bias, num_groups, eps, act, (need_dx, need_dw, need_db))
     return [g if g is not None else x.new_empty(0) for g in grads]
 
@@ -275,6 +274,12 @@ def group_norm(x, weight, bias, num_groups: int, eps: float, act_code: int):
     return _state["op"](x, weight, bias, num_groups, eps, act_code)
 
 
+_NEEDS = (
+    "It needs a C++ compiler (g++, or $CXX) and the torch headers of this environment; "
+    f"install g++, or set {ENV_SWITCH}=0 to run the (slower per call, same results) Python path."
+)
+
+
 def main() -> None:
     """python -m groupnorm.backends.native: build (if needed) and check the fast lane."""
     path = library_path()
@@ -286,18 +291,10 @@ def main() -> None:
         try:
             build(verbose="-v" in sys.argv)
         except (OSError, RuntimeError) as exc:
-            raise SystemExit(
-                f"building the native fast path failed: {exc}\n"
-                "It needs a C++ compiler (g++, or $CXX) and the torch headers of this environment; "
-                f"install g++, or set {ENV_SWITCH}=0 to run the (slower per call, same results) Python path."
-            ) from None
+            raise SystemExit(f"building the native fast path failed: {exc}\n{_NEEDS}") from None
     reason = status()
     if reason:
-        raise SystemExit(
-            f"native fast path unusable: {reason}\n"
-            "It needs a C++ compiler (g++, or $CXX) and the torch headers of this environment; "
-            f"install g++, or set {ENV_SWITCH}=0 to run the (slower per call, same results) Python path."
-        )
+        raise SystemExit(f"native fast path unusable: {reason}\n{_NEEDS}")
     x = torch.randn(2, 8, 3, 3)
     y = group_norm(x, None, None, 4, 1e-5, 0)
     torch.testing.assert_close(y, torch.nn.functional.group_norm(x, 4))
