@@ -17,19 +17,20 @@ MALLOC_TRIM_THRESHOLD_=17179869184 to see what fresh-page faults cost).
 Session 4 additions:
 
     python scripts/spot_checks.py kernel-ab --old /path/to/older/checkout bwd 8x2048x7x7 2x2048x7x7
+    python scripts/spot_checks.py activation-error [--old /path/to/older/checkout]   # float32 SiLU/GELU error
     python scripts/spot_checks.py forward-floor        # our forward kernel vs a copy, 32x256x56x56, in-process
     python scripts/spot_checks.py nt-store             # plain vs non-temporal stores over 98 MiB
     python scripts/spot_checks.py train-profile        # norm + ReLU vs convolution time in the bench's channels-last ResNet step
 
 kernel-ab: the contiguous numba kernels (fwd or bwd, float32, G = 32, no activation) of this checkout
 and of an older one (its cpu.py loaded under another module name), and ATen's, called directly,
-rotated, 12 rounds of 15-call medians; prints both ratios and whether old and new agree bitwise.
+timed as `groupnorm bench` times (rotated rounds, 12 of them); prints both ratios and whether old and new agree bitwise.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
+import math
 import statistics
 import time
 
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import groupnorm
+from groupnorm import bench
 from groupnorm.backends import cpu
 
 
@@ -89,44 +91,22 @@ def paths(shape: tuple, threads: int, rounds: int) -> None:
         return f
 
     variants = {"fast lane": run(ours, True), "Python path": run(ours, False), "torch": run(ref, True)}
-    samples = {k: [] for k in variants}
-    faults = {k: [] for k in variants}
-    for f in variants.values():
-        f()
-    names = list(variants)
-    for r in range(rounds):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            t = time.perf_counter()
-            variants[name]()
-            samples[name].append(time.perf_counter() - t)
-            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    faults = {}
+    t = time_interleaved(variants, rounds, min_sample_s=0.0, faults=faults)  # one call per sample
     native.enabled = True
     print(f"{shape}, {threads} thread(s), fwd+bwd medians of {rounds}: "
-          + ", ".join(f"{k} {statistics.median(v) * 1e3:.2f} ms ({statistics.median(faults[k]):.0f} faults)"
-                      for k, v in samples.items()))
+          + ", ".join(f"{k} {v * 1e3:.2f} ms ({faults[k]:.0f} faults)" for k, v in t.items()))
 
 
-def _medians_rotated(cases: dict, rounds: int, calls: int) -> dict:
-    for f in cases.values():
-        f()
-        f()
-    samples = {k: [] for k in cases}
-    names = list(cases)
-    for r in range(rounds):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            ts = []
-            for _ in range(calls):
-                t = time.perf_counter()
-                cases[name]()
-                ts.append(time.perf_counter() - t)
-            samples[name].append(statistics.median(ts))
-    return {k: statistics.median(v) * 1e6 for k, v in samples.items()}
+def time_interleaved(cases: dict, rounds: int, min_sample_s: float = 2e-3, faults: dict | None = None) -> dict:
+    """Seconds per call: `groupnorm bench`'s timing (round-robin, order rotated every round,
+    median over rounds; calls repeated within a sample to last min_sample_s), exactly ``rounds`` rounds."""
+    return bench.time_interleaved(cases, bench.Timer("cpu"), rounds, 2, min_sample_s=min_sample_s, budget_s=0.0,
+                                  faults=faults)
 
 
-def kernel_ab(old_root: str, which: str, shapes: list, threads: int) -> None:
+def _load_old_cpu(old_root: str):
+    """An older checkout's groupnorm/backends/cpu.py as a module of its own name."""
     import importlib.util
     import shutil
     import sys
@@ -141,6 +121,11 @@ def kernel_ab(old_root: str, which: str, shapes: list, threads: int) -> None:
     old = importlib.util.module_from_spec(spec)
     sys.modules["groupnorm_old_cpu"] = old
     spec.loader.exec_module(old)
+    return old
+
+
+def kernel_ab(old_root: str, which: str, shapes: list, threads: int) -> None:
+    old = _load_old_cpu(old_root)
     numba.set_num_threads(threads)
     torch.set_num_threads(threads)
     for shape in shapes:
@@ -167,10 +152,35 @@ def kernel_ab(old_root: str, which: str, shapes: list, threads: int) -> None:
             cases["aten"] = lambda: torch.ops.aten.native_group_norm_backward(dyt, xt, mean, rstd, wt, N, C, S, G, [True] * 3)
         else:
             cases["aten"] = lambda: torch.ops.aten.native_group_norm(xt, wt, bt, N, C, S, G, 1e-5)
-        m = _medians_rotated(cases, 12, 15)
+        m = {k: v * 1e6 for k, v in time_interleaved(cases, 12).items()}
         same = all(np.array_equal(a, e) for a, e in zip(out["old"], out["new"]))
         print(f"{which} {threads} thread(s) {shape}: " + ", ".join(f"{k} {v:.1f} us" for k, v in m.items())
               + f"; new/old {m['old'] / m['new']:.2f}x, aten/new {m['aten'] / m['new']:.2f}x, bitwise equal: {same}")
+
+
+def activation_error(old_root: str | None) -> None:
+    """Max error of the float32 SiLU, SiLU', GELU, GELU' helpers of the numba kernels against float64
+    over 2M points in [-30, 30], relative to max(|f|, 1e-3); with --old also an older checkout's."""
+    z = np.linspace(-30, 30, 2_000_001).astype(np.float32)
+    zd = z.astype(np.float64)
+    erf = np.frompyfunc(math.erf, 1, 1)(zd / math.sqrt(2)).astype(np.float64)
+    sig = 1 / (1 + np.exp(-zd))
+    exact = {"SiLU": zd * sig, "SiLU'": sig * (1 + zd * (1 - sig)), "GELU": 0.5 * zd * (1 + erf),
+             "GELU'": 0.5 * (1 + erf) + zd * np.exp(-0.5 * zd * zd) / math.sqrt(2 * math.pi)}
+    modules = {"this checkout": cpu}
+    if old_root:
+        modules = {"older checkout": _load_old_cpu(old_root), **modules}
+    for label, mod in modules.items():
+        @numba.njit(error_model="numpy")
+        def evaluate(z, a, b, c, d):
+            k = mod._consts(z)
+            for i in range(z.shape[0]):
+                a[i], b[i], c[i], d[i] = mod._silu(z[i], k), mod._dsilu(z[i], k), mod._gelu(z[i], k), mod._dgelu(z[i], k)
+
+        outs = [np.empty_like(z) for _ in exact]
+        evaluate(z, *outs)
+        errors = {name: float(np.max(np.abs(o - e) / np.maximum(np.abs(e), 1e-3))) for (name, e), o in zip(exact.items(), outs)}
+        print(f"{label}: " + ", ".join(f"{name} {err:.2e}" for name, err in errors.items()))
 
 
 def forward_floor(threads: int) -> None:
@@ -188,7 +198,7 @@ def forward_floor(threads: int) -> None:
         "torch clone": lambda: xt.clone(),
         "ATen forward": lambda: torch.native_group_norm(xt, None, None, N, C, S, G, 1e-5),
     }
-    m = _medians_rotated(cases, 9, 1)
+    m = {k: v * 1e6 for k, v in time_interleaved(cases, 9, min_sample_s=0.0).items()}
     print(f"{shape}, {threads} thread(s), medians: " + ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in m.items()))
 
 
@@ -240,9 +250,9 @@ def nt_store() -> None:
     plain(x, y1, m, a, b)
     nontemporal(x, y2, m, a, b)
     assert np.array_equal(y1, y2)
-    r = _medians_rotated({"plain stores": lambda: plain(x, y1, m, a, b),
-                          "non-temporal stores": lambda: nontemporal(x, y2, m, a, b),
-                          "np.copyto": lambda: np.copyto(y1, x)}, 3, 9)
+    r = {k: v * 1e6 for k, v in time_interleaved({"plain stores": lambda: plain(x, y1, m, a, b),
+                                                  "non-temporal stores": lambda: nontemporal(x, y2, m, a, b),
+                                                  "np.copyto": lambda: np.copyto(y1, x)}, 9, min_sample_s=0.0).items()}
     print("98 MiB elementwise pass, one thread, medians: " + ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in r.items()))
 
 
@@ -282,11 +292,12 @@ def train_profile() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["silu", "large-mean", "paths", "kernel-ab", "forward-floor", "nt-store", "train-profile"])
+    p.add_argument("what", choices=["silu", "large-mean", "paths", "kernel-ab", "activation-error", "forward-floor",
+                                    "nt-store", "train-profile"])
     p.add_argument("args", nargs="*", help="paths: a shape (default 32 1024 14 14); kernel-ab: fwd|bwd then shapes like 8x2048x7x7")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--old", help="kernel-ab: root of the older checkout")
+    p.add_argument("--old", help="kernel-ab, activation-error: root of an older checkout")
     a = p.parse_intermixed_args()
     if a.what == "silu":
         silu()
@@ -296,6 +307,8 @@ def main() -> None:
         if not a.old or not a.args or a.args[0] not in ("fwd", "bwd"):
             p.error("kernel-ab needs --old CHECKOUT, then fwd or bwd, then shapes such as 8x2048x7x7")
         kernel_ab(a.old, a.args[0], [tuple(int(v) for v in s.split("x")) for s in a.args[1:]] or [(8, 2048, 7, 7)], a.threads)
+    elif a.what == "activation-error":
+        activation_error(a.old)
     elif a.what == "forward-floor":
         forward_floor(a.threads)
     elif a.what == "nt-store":
