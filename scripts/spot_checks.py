@@ -18,6 +18,7 @@ Session 4 additions:
 
     python scripts/spot_checks.py kernel-ab --old /path/to/older/checkout bwd 8x2048x7x7 2x2048x7x7
     python scripts/spot_checks.py activation-error [--old /path/to/older/checkout]   # float32 SiLU/GELU error
+    python scripts/spot_checks.py stats-accuracy [--old /path/to/older/checkout]     # float32 forward vs float64
     python scripts/spot_checks.py forward-floor        # our forward kernel vs a copy, 32x256x56x56, in-process
     python scripts/spot_checks.py nt-store             # plain vs non-temporal stores over 98 MiB
     python scripts/spot_checks.py train-profile        # norm + ReLU vs convolution time in the bench's channels-last ResNet step
@@ -183,6 +184,38 @@ def activation_error(old_root: str | None) -> None:
         print(f"{label}: " + ", ".join(f"{name} {err:.2e}" for name, err in errors.items()))
 
 
+def stats_accuracy(old_root: str | None) -> None:
+    """Max |error| of the float32 forward (numba backend, no affine) against float64 on the same
+    float32 values, 5 seeds per case, both layouts; torch's CPU GroupNorm beside it; with --old also
+    an older checkout's kernels. "mixed": channel means that differ within a group plus groups that
+    start with an outlier (tests/test_backend_numba.py::test_float32_statistics_as_accurate_as_float64)."""
+    modules = {"this checkout": cpu}
+    if old_root:
+        modules = {"older checkout": _load_old_cpu(old_root), **modules}
+    cases = [((8, 256, 7, 7), 32, 3.0, -2.0, False), ((8, 256, 7, 7), 32, 3.0, -2.0, True),
+             ((4, 64, 12, 12), 8, 3.0, -2.0, True), ((2, 64, 56, 56), 32, 1.0, 0.0, False),
+             ((2, 64, 56, 56), 32, 1.0, 5.0, False)]
+    for shape, G, std, mean, mixed in cases:
+        for layout in ("contiguous", "channels_last"):
+            errors = {name: 0.0 for name in [*modules, "torch"]}
+            for seed in range(5):
+                g = torch.Generator().manual_seed(seed)
+                x64 = torch.randn(shape, generator=g, dtype=torch.float64) * std + mean
+                if mixed:
+                    x64 += torch.randn(1, shape[1], 1, 1, generator=g, dtype=torch.float64)
+                    x64[:, :: shape[1] // G * 2, 0, 0] = 12.0
+                x = x64.float()
+                if layout == "channels_last":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                exact = F.group_norm(x.double(), G)
+                for name, mod in modules.items():
+                    y, _ = mod.BACKEND.forward(x, None, None, G, 1e-5, "none")
+                    errors[name] = max(errors[name], float((y.double() - exact).abs().max()))
+                errors["torch"] = max(errors["torch"], float((F.group_norm(x, G).double() - exact).abs().max()))
+            label = f"{'x'.join(map(str, shape))} G={G} mean {mean:g} std {std:g}{' mixed' if mixed else ''} {layout}"
+            print(f"{label:52s} " + ", ".join(f"{name} {err:.1e}" for name, err in errors.items()))
+
+
 def forward_floor(threads: int) -> None:
     numba.set_num_threads(threads)
     torch.set_num_threads(threads)
@@ -293,11 +326,11 @@ def train_profile() -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["silu", "large-mean", "paths", "kernel-ab", "activation-error", "forward-floor",
-                                    "nt-store", "train-profile"])
+                                    "nt-store", "train-profile", "stats-accuracy"])
     p.add_argument("args", nargs="*", help="paths: a shape (default 32 1024 14 14); kernel-ab: fwd|bwd then shapes like 8x2048x7x7")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--old", help="kernel-ab, activation-error: root of an older checkout")
+    p.add_argument("--old", help="kernel-ab, activation-error, stats-accuracy: root of an older checkout")
     a = p.parse_intermixed_args()
     if a.what == "silu":
         silu()
@@ -309,6 +342,8 @@ def main() -> None:
         kernel_ab(a.old, a.args[0], [tuple(int(v) for v in s.split("x")) for s in a.args[1:]] or [(8, 2048, 7, 7)], a.threads)
     elif a.what == "activation-error":
         activation_error(a.old)
+    elif a.what == "stats-accuracy":
+        stats_accuracy(a.old)
     elif a.what == "forward-floor":
         forward_floor(a.threads)
     elif a.what == "nt-store":
