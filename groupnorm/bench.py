@@ -92,8 +92,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", nargs="+", choices=sorted(SUITES) + ["all"], default=None,
                         help="shape suites to run (default: all CPU suites, or gpu with --device cuda)")
     parser.add_argument("--quick", action="store_true", help="a few small shapes and a tiny training step (seconds)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--layouts", choices=("both", "contiguous", "channels_last"), default="both")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where to time: cpu (the numba kernels) or cuda (the Triton kernels, CUDA events)")
+    parser.add_argument("--layouts", choices=("both", "contiguous", "channels_last"), default="both",
+                        help="memory layouts of the input")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="input dtype (default float32 on CPU, bfloat16 for the gpu suite)")
     parser.add_argument("--backend", default=None,
@@ -109,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="(Linux/glibc) rerun this command with glibc told to keep freed memory (MALLOC_MMAP_THRESHOLD_, "
                              "MALLOC_TRIM_THRESHOLD_): tensors of tens of MiB then stop page-faulting on most "
                              "allocation, for torch and groupnorm alike, and the figures show the kernels "
-                             "rather than the kernel's page-fault cost (the faults/call columns show which you got)")
+                             "rather than the operating system's page-fault cost (the faults/call columns show which you got)")
 
 
 # ----------------------------------------------------------------------------- timing

@@ -271,23 +271,9 @@ def group_norm(
     ``backend`` forces an implementation ("numba", "triton", "composite", "reference");
     by default the ``use_backend`` context, then ``$GROUPNORM_BACKEND``, then "auto".
     """
-    lane = backends.native_lane
-    if (  # the fast front: plain arguments, nothing forcing another path (see _front_allowed)
-        lane is not None
-        and backend is None
-        and type(input) is Tensor
-        and type(num_groups) is int
-        and 0 < num_groups < 1 << 62  # the op takes an int64; others get the Python path's error
-        and type(eps) is float
-        and (activation is None or type(activation) is str)
-        and (weight is None or isinstance(weight, Tensor))
-        and (bias is None or isinstance(bias, Tensor))
-        and _front_allowed(lane)
-    ):
-        code = _LANE_CODES.get(activation)
-        y = lane.front(input, weight, bias, num_groups, eps, code) if code is not None else None
-        if y is not None:  # None: the C++ side declined (bad arguments, dtype not loaded, ...)
-            backends.record("numba")
+    if backend is None:
+        y = try_front(input, num_groups, weight, bias, eps, activation)
+        if y is not None:
             return y
     act = check_inputs(input, num_groups, weight, bias, eps, activation)
     if not isinstance(num_groups, torch.SymInt):
@@ -315,6 +301,32 @@ def group_norm(
 
 
 _LANE_CODES = {None: 0, **backends.ACT_CODES}
+_is_compiling = torch.compiler.is_compiling
+_tracing_state = torch._C._get_tracing_state
+_functorch_probe = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
+def try_front(input, num_groups, weight, bias, eps, activation) -> Optional[Tensor]:
+    """The C++ front's answer for a plain eager call (see ``backends.native``), or None: arguments
+    of other types, or anything it does not take, go the checked Python path. Only for calls with
+    no ``backend=`` argument; ``groupnorm.GroupNorm.forward`` calls it directly."""
+    lane = backends.native_lane
+    if (
+        lane is not None
+        and type(input) is Tensor
+        and type(num_groups) is int
+        and 0 < num_groups < 1 << 62  # the op takes an int64; others get the Python path's error
+        and type(eps) is float
+        and (weight is None or isinstance(weight, Tensor))
+        and (bias is None or isinstance(bias, Tensor))
+        and _front_allowed(lane)
+    ):
+        code = _LANE_CODES.get(activation) if activation is None or type(activation) is str else None
+        y = lane.front(input, weight, bias, num_groups, eps, code) if code is not None else None
+        if y is not None:  # None: the C++ side declined (bad arguments, dtype not loaded, ...)
+            backends.record("numba")
+            return y
+    return None
 
 
 def _front_allowed(lane) -> bool:
@@ -322,18 +334,17 @@ def _front_allowed(lane) -> bool:
     functorch transform, no backend forced by use_backend()/$GROUPNORM_BACKEND, the lane switched on, the numba
     backend's automatic work split (tests force others). Then "auto" would pick numba for any
     CPU float input, which is what the fast lane runs."""
-    if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:  # torch.jit.trace: the
-        return False  # tracer cannot record an op that returns Tensor? (the fast lane's own op traces)
-    cpu = lane.numba_backend_module()
+    if _is_compiling() or _tracing_state() is not None:  # torch.jit.trace: the tracer cannot
+        return False  # record an op that returns Tensor? (the fast lane's own op traces)
+    cpu = lane.cpu
     return (
         lane.enabled
         and cpu is not None
         and cpu.split_mode == "auto"
-        and not _functorch_active()
+        and not (_functorch_probe is not None and _functorch_probe())
         and not backends.forced()
     )
 
 
 def _functorch_active() -> bool:
-    probe = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(probe and probe())
+    return bool(_functorch_probe is not None and _functorch_probe())

@@ -109,3 +109,15 @@ def test_steady_malloc_restarts_the_bench_with_glibc_settings(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "restarting with MALLOC_MMAP_THRESHOLD_" in done.stdout and "malloc steady" in done.stdout
     assert json.loads((out / "bench.json").read_text())["machine"]["malloc"] == bench.STEADY_MALLOC
+
+
+@pytest.mark.parametrize("command", ["bench", "study"])
+def test_help_keeps_examples_on_their_own_lines_and_says_no_empty_defaults(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    examples = text.split("Examples:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert len(examples) >= 4 and all(line.startswith(f"  groupnorm {command}") or "torchrun" in line for line in examples)
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: " in text  # defaults that say something are still given

@@ -293,6 +293,59 @@ def test_front_respects_every_way_of_forcing_a_path(monkeypatch):
     assert "GroupNormFunction" not in group_norm(x, 4).grad_fn.name()
 
 
+def test_layer_goes_straight_to_the_front_and_keeps_its_own_errors(monkeypatch):
+    """GroupNorm.forward hands plain tensors to the C++ front itself (no Python checks, no
+    _layer_group_norm), bitwise what the Python path gives; a wrong channel count still gets the
+    layer's message, with and without affine parameters."""
+    from groupnorm import layers
+
+    _front_ready()
+    x = make_input((2, 8, 4, 5), seed=25)
+    for affine in (True, False):
+        layer = groupnorm.GroupNorm(4, 8, affine=affine, activation="silu")
+        monkeypatch.setattr(native, "enabled", False)
+        expected = layer(x)
+        monkeypatch.setattr(native, "enabled", True)
+        with monkeypatch.context() as m:
+            _python_checks_must_not_run(m)
+            m.setattr(layers, "_layer_group_norm", lambda *a: pytest.fail("the layer took the checked path"))
+            assert torch.equal(layer(x), expected)
+        for bad in (torch.randn(2, 6, 4), torch.randn(8), torch.randn(2, 16, 3)):
+            with pytest.raises(ValueError, match="GroupNorm\\(num_channels=8\\) got an input with|at least 2 dimensions"):
+                layer(bad)
+
+
+def test_use_backend_in_another_thread_forces_only_that_thread():
+    """forced() skips the per-thread lookup while no use_backend() context is open anywhere; one
+    open in another thread must force that thread only, and the count returns to zero after an
+    exception leaves a context."""
+    _front_ready()
+    x = make_input((2, 8, 3, 3), seed=26)
+    inside, release, seen = threading.Event(), threading.Event(), []
+
+    def other():
+        with groupnorm.use_backend("composite"):
+            inside.set()
+            release.wait(10)
+            group_norm(x, 4)
+            seen.append(groupnorm.last_backend())
+
+    t = threading.Thread(target=other)
+    t.start()
+    assert inside.wait(10)
+    assert backends._contexts == 1 and not backends.forced()
+    group_norm(x, 4)
+    assert groupnorm.last_backend() == "numba"
+    release.set()
+    t.join()
+    assert seen == ["composite"] and backends._contexts == 0
+    with pytest.raises(KeyError):
+        with groupnorm.use_backend("reference"):
+            assert backends.forced()
+            raise KeyError("leaves the context")
+    assert backends._contexts == 0 and not backends.forced()
+
+
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_jit_trace_of_a_model_with_groupnorm(monkeypatch):
     """torch.jit.trace cannot record an op returning Tensor?: while tracing, the C++ front steps aside

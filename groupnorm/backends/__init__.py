@@ -68,6 +68,10 @@ _AUTO_ORDER = {
 _loaded: dict = {}
 _auto_choice: dict = {}  # (device type, dtype, activation) -> backend name picked by "auto"
 _local = threading.local()  # per thread: .forced (stack of use_backend names), .last
+# use_backend() contexts open in any thread: while there are none, forced() (asked on every eager
+# call) need not look up this thread's stack
+_contexts = 0
+_contexts_lock = threading.Lock()
 # the module groupnorm.backends.native once its library is loaded (set there), else None:
 # group_norm() sends eager CPU calls straight to its C++ front (no import of it needed here)
 native_lane = None
@@ -117,12 +121,17 @@ def use_backend(name: str):
     """
     if name != "auto":
         get(name)  # fail early on a typo
+    global _contexts
     stack = _stack()
+    with _contexts_lock:
+        _contexts += 1
     stack.append(name)
     try:
         yield
     finally:
         stack.pop()
+        with _contexts_lock:
+            _contexts -= 1
 
 
 # os.environ.get costs ~2 us when the variable is unset (a KeyError raised and caught inside);
@@ -143,7 +152,7 @@ def env_backend() -> str:
 
 def forced() -> bool:
     """True when a use_backend() context or $GROUPNORM_BACKEND names a backend other than auto."""
-    name = requested() or env_backend()  # select()'s order
+    name = (requested() if _contexts else "") or env_backend()  # select()'s order
     return bool(name) and name != "auto"
 
 

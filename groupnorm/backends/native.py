@@ -49,6 +49,7 @@ _CFUNCS: dict = {}  # kernel dtype -> (forward cfunc, backward cfunc), kept aliv
 # front (functional.py) calls it directly when nothing forces another path; it checks the
 # arguments in C++ and returns None for anything it does not take (then the checked Python path runs).
 front = None
+cpu = None  # groupnorm.backends.cpu (the numba backend) once front is set: its split_mode is read per call
 
 
 # ----------------------------------------------------------------------------- building the library
@@ -136,7 +137,10 @@ def _load() -> bool:
             _define_differentiable_grads()
             _state["op"] = torch.ops.groupnorm_native.group_norm.default
             ok = True
-            global front
+            global front, cpu
+            from groupnorm.backends import cpu as numba_backend
+
+            cpu = numba_backend
             overload = torch.ops.groupnorm_native.try_group_norm.default
             front = getattr(overload, "_op", overload)  # the bound C++ op: skips OpOverload.__call__ (~3 us)
             backends.native_lane = sys.modules[__name__]
@@ -256,11 +260,6 @@ def _differentiable_grads(dy, x, weight, bias, num_groups, eps, activation, need
 
 
 # ----------------------------------------------------------------------------- the call
-def numba_backend_module():
-    """groupnorm.backends.cpu if imported (it is whenever ``front`` is set: the lane loads from it)."""
-    return sys.modules.get("groupnorm.backends.cpu")
-
-
 def group_norm(x, weight, bias, num_groups: int, eps: float, act_code: int):
     """The op, or None when the fast lane is off or unavailable (the caller takes the Python path)."""
     if not enabled or not _load():
