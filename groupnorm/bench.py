@@ -36,6 +36,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -153,9 +154,12 @@ class Timer:
 
 def time_interleaved(fns: dict, timer: Timer, repeats: int, warmup: int, min_sample_s: float = 2e-3,
                      budget_s: float = 2.0, faults: dict | None = None) -> dict:
-    """Median seconds per call of each fn, timed round-robin, the order rotated every round
-    (A, B, C, then B, C, A, then C, A, B, ...): what one variant leaves behind (the allocator's
-    heap, caches) then falls on every other variant alike, not always on the same neighbour.
+    """Median seconds per call of each fn, timed round-robin in an order shuffled every round
+    (a seeded shuffle, so reruns repeat it): what one variant leaves behind (the allocator's heap,
+    caches, another library's thread pool still spinning) then falls on every other variant
+    alike. A fixed or merely rotated order (A, B, C, then B, C, A) has each variant follow the
+    same neighbour in nearly every round, which biased the figures by up to 1.5x on this VM
+    (e.g. a numba backward timed right after an ATen call).
 
     Fast functions are called several times per sample so that one sample lasts about
     min_sample_s (timer resolution stays negligible). At least ``repeats`` rounds are
@@ -172,10 +176,11 @@ def time_interleaved(fns: dict, timer: Timer, repeats: int, warmup: int, min_sam
     fault_samples = {name: [] for name in fns}
     start = time.perf_counter()
     rounds = 0
+    order = list(fns)
+    shuffle = random.Random(0).shuffle
     while rounds < repeats or (rounds < 10 * repeats and (time.perf_counter() - start) * (rounds + 1) / rounds < budget_s):
-        names = list(fns)
-        k = rounds % len(names)
-        for name in names[k:] + names[:k]:
+        shuffle(order)
+        for name in order:
             samples[name].append(timer(fns[name], calls[name]))
             fault_samples[name].append(timer.faults)
         rounds += 1

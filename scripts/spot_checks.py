@@ -10,7 +10,7 @@ compare versions (without it, ``import groupnorm`` finds the installed, editable
 large-mean: max |error| against float64 of torch.nn.functional.group_norm and groupnorm.group_norm on
 float32 input of mean 1e3/1e4/1e5 and std 0.1, both layouts, G = 8.
 paths: one layer's forward+backward through the compiled fast lane, the Python path and
-torch.nn.GroupNorm, alternated with the order rotated every round; medians in ms and minor page
+torch.nn.GroupNorm, alternated in an order shuffled every round; medians in ms and minor page
 faults per call (run it once plainly and once with MALLOC_MMAP_THRESHOLD_=4294967296
 MALLOC_TRIM_THRESHOLD_=17179869184 to see what fresh-page faults cost).
 
@@ -25,7 +25,7 @@ Session 4 additions:
 
 kernel-ab: the contiguous numba kernels (fwd or bwd, float32, G = 32, no activation) of this checkout
 and of an older one (its cpu.py loaded under another module name), and ATen's, called directly,
-timed as `groupnorm bench` times (rotated rounds, 12 of them); prints both ratios and whether old and new agree bitwise.
+timed as `groupnorm bench` times (shuffled rounds, 12 of them); prints both ratios and whether old and new agree bitwise.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def paths(shape: tuple, threads: int, rounds: int) -> None:
 
 
 def time_interleaved(cases: dict, rounds: int, min_sample_s: float = 2e-3, faults: dict | None = None) -> dict:
-    """Seconds per call: `groupnorm bench`'s timing (round-robin, order rotated every round,
+    """Seconds per call: `groupnorm bench`'s timing (round-robin, order shuffled every round,
     median over rounds; calls repeated within a sample to last min_sample_s), exactly ``rounds`` rounds."""
     return bench.time_interleaved(cases, bench.Timer("cpu"), rounds, 2, min_sample_s=min_sample_s, budget_s=0.0,
                                   faults=faults)

@@ -121,3 +121,22 @@ def test_help_keeps_examples_on_their_own_lines_and_says_no_empty_defaults(comma
     assert len(examples) >= 4 and all(line.startswith(f"  groupnorm {command}") or "torchrun" in line for line in examples)
     assert "(default: None)" not in text and "(default: False)" not in text
     assert "(default: " in text  # defaults that say something are still given
+
+
+def test_interleaved_timing_varies_each_variants_predecessor():
+    """Each round runs the variants in a new (seeded) order, so no variant always runs right after
+    the same neighbour (what one leaves behind, e.g. a thread pool still spinning, must not fall on
+    one other variant only), and a rerun repeats the order."""
+
+    def record():
+        calls = []
+        fns = {name: (lambda name=name: calls.append(name)) for name in "ABCD"}
+        bench.time_interleaved(fns, bench.Timer("cpu"), repeats=12, warmup=1, min_sample_s=0.0, budget_s=0.0)
+        return calls[len(fns) * 2:]  # after warm-up and calibration: one call per sample
+
+    calls = record()
+    assert len(calls) == 12 * 4 and all(calls.count(n) == 12 for n in "ABCD")
+    for n in "ABCD":  # a rotated order (A B C D, B C D A, ...) puts the same one before n in 3/4 of the rounds
+        before = [calls[i - 1] for i in range(1, len(calls)) if calls[i] == n]
+        assert max(before.count(p) for p in set(before)) <= 0.6 * len(before), (n, before)
+    assert record() == calls
