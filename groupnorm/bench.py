@@ -179,7 +179,10 @@ def time_interleaved(fns: dict, timer: Timer, repeats: int, warmup: int, min_sam
     order = list(fns)
     shuffle = random.Random(0).shuffle
     while rounds < repeats or (rounds < 10 * repeats and (time.perf_counter() - start) * (rounds + 1) / rounds < budget_s):
+        last = order[-1]
         shuffle(order)
+        if order[0] == last and len(order) > 1:  # nor right after itself, its own caches warm
+            order[0], order[1] = order[1], order[0]
         for name in order:
             samples[name].append(timer(fns[name], calls[name]))
             fault_samples[name].append(timer.faults)

@@ -25,8 +25,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         default = action.default
         if (
             action.option_strings
-            and "%(default)" not in text
-            and "default" not in text
+            and "(default" not in text
+            and "default:" not in text
             and default is not None
             and default is not False
             and default is not argparse.SUPPRESS

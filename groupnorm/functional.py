@@ -275,6 +275,12 @@ def group_norm(
         y = try_front(input, num_groups, weight, bias, eps, activation)
         if y is not None:
             return y
+    return checked_group_norm(input, num_groups, weight, bias, eps, activation, backend)
+
+
+def checked_group_norm(input, num_groups, weight, bias, eps, activation, backend) -> Tensor:
+    """group_norm after its C++ front: the Python checks, then the op (traced, functorch, the fast
+    lane, or the Python path). ``groupnorm.GroupNorm`` comes here when the front declined."""
     act = check_inputs(input, num_groups, weight, bias, eps, activation)
     if not isinstance(num_groups, torch.SymInt):
         num_groups = int(num_groups)  # numpy integers
@@ -337,13 +343,7 @@ def _front_allowed(lane) -> bool:
     if _is_compiling() or _tracing_state() is not None:  # torch.jit.trace: the tracer cannot
         return False  # record an op that returns Tensor? (the fast lane's own op traces)
     cpu = lane.cpu
-    return (
-        lane.enabled
-        and cpu is not None
-        and cpu.split_mode == "auto"
-        and not (_functorch_probe is not None and _functorch_probe())
-        and not backends.forced()
-    )
+    return lane.enabled and cpu is not None and cpu.split_mode == "auto" and not _functorch_active() and not backends.forced()
 
 
 def _functorch_active() -> bool:

@@ -16,7 +16,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from groupnorm.functional import group_norm, try_front
+from groupnorm.functional import checked_group_norm, try_front
 from groupnorm.groups import resolve_groups
 
 
@@ -26,7 +26,8 @@ def _layer_group_norm(input, num_channels, num_groups, weight, bias, eps, activa
             f"GroupNorm(num_channels={num_channels}) got an input with {input.shape[1]} channels "
             f"(shape {tuple(input.shape)}); the channel axis is dim 1 (N, C, *)"
         )
-    return group_norm(input, num_groups, weight, bias, eps, activation=activation)
+    # GroupNorm.forward has already offered the call to the C++ front
+    return checked_group_norm(input, num_groups, weight, bias, eps, activation, None)
 
 
 # torch.fx.symbolic_trace (and feature extractors built on it) keep this call as one node
@@ -80,14 +81,15 @@ class GroupNorm(nn.GroupNorm):
         self.activation = None if activation == "none" else activation
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        if type(input) is torch.Tensor and (weight is not None or (input.dim() >= 2 and input.shape[1] == self.num_channels)):
-            # a plain eager tensor: straight to the C++ front, which checks the shapes against the
-            # weight (fx proxies, compiled code and anything the front declines go the checked way)
-            y = try_front(input, self.num_groups, weight, self.bias, self.eps, self.activation)
+        if type(input) is torch.Tensor and input.dim() >= 2 and input.shape[1] == self.num_channels:
+            # a plain eager tensor: straight to the C++ front (fx proxies, compiled code and anything
+            # the front declines go the checked way)
+            y = try_front(input, self.num_groups, self.weight, self.bias, self.eps, self.activation)
             if y is not None:
                 return y
-        return _layer_group_norm(input, self.num_channels, self.num_groups, weight, self.bias, self.eps, self.activation)
+        return _layer_group_norm(
+            input, self.num_channels, self.num_groups, self.weight, self.bias, self.eps, self.activation
+        )
 
     def extra_repr(self) -> str:
         s = f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"

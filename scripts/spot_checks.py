@@ -19,6 +19,7 @@ Session 4 additions:
     python scripts/spot_checks.py kernel-ab --old /path/to/older/checkout bwd 8x2048x7x7 2x2048x7x7
     python scripts/spot_checks.py activation-error [--old /path/to/older/checkout]   # float32 SiLU/GELU error
     python scripts/spot_checks.py stats-accuracy [--old /path/to/older/checkout]     # float32 forward vs float64
+    python scripts/spot_checks.py neighbour-bias 8 2048 7 7   # one call timed in a rotated vs a shuffled order
     python scripts/spot_checks.py forward-floor        # our forward kernel vs a copy, 32x256x56x56, in-process
     python scripts/spot_checks.py nt-store             # plain vs non-temporal stores over 98 MiB
     python scripts/spot_checks.py train-profile        # norm + ReLU vs convolution time in the bench's channels-last ResNet step
@@ -188,22 +189,25 @@ def stats_accuracy(old_root: str | None) -> None:
     """Max |error| of the float32 forward (numba backend, no affine) against float64 on the same
     float32 values, 5 seeds per case, both layouts; torch's CPU GroupNorm beside it; with --old also
     an older checkout's kernels. "mixed": channel means that differ within a group plus groups that
-    start with an outlier (tests/test_backend_numba.py::test_float32_statistics_as_accurate_as_float64)."""
+    start with an outlier (tests/test_backend_numba.py::test_float32_statistics_as_accurate_as_float64);
+    "padded": the first 16 positions of every channel zero (test_float32_statistics_with_a_misleading_group_start)."""
     modules = {"this checkout": cpu}
     if old_root:
         modules = {"older checkout": _load_old_cpu(old_root), **modules}
-    cases = [((8, 256, 7, 7), 32, 3.0, -2.0, False), ((8, 256, 7, 7), 32, 3.0, -2.0, True),
-             ((4, 64, 12, 12), 8, 3.0, -2.0, True), ((2, 64, 56, 56), 32, 1.0, 0.0, False),
-             ((2, 64, 56, 56), 32, 1.0, 5.0, False)]
-    for shape, G, std, mean, mixed in cases:
+    cases = [((8, 256, 7, 7), 32, 3.0, -2.0, ""), ((8, 256, 7, 7), 32, 3.0, -2.0, "mixed"),
+             ((4, 64, 12, 12), 8, 3.0, -2.0, "mixed"), ((2, 64, 56, 56), 32, 1.0, 0.0, ""),
+             ((2, 64, 56, 56), 32, 1.0, 5.0, ""), ((2, 64, 32, 32), 8, 1.0, 100.0, "padded")]
+    for shape, G, std, mean, kind in cases:
         for layout in ("contiguous", "channels_last"):
             errors = {name: 0.0 for name in [*modules, "torch"]}
             for seed in range(5):
                 g = torch.Generator().manual_seed(seed)
                 x64 = torch.randn(shape, generator=g, dtype=torch.float64) * std + mean
-                if mixed:
+                if kind == "mixed":
                     x64 += torch.randn(1, shape[1], 1, 1, generator=g, dtype=torch.float64)
                     x64[:, :: shape[1] // G * 2, 0, 0] = 12.0
+                elif kind == "padded":
+                    x64[:, :, 0, :16] = 0.0
                 x = x64.float()
                 if layout == "channels_last":
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -212,8 +216,47 @@ def stats_accuracy(old_root: str | None) -> None:
                     y, _ = mod.BACKEND.forward(x, None, None, G, 1e-5, "none")
                     errors[name] = max(errors[name], float((y.double() - exact).abs().max()))
                 errors["torch"] = max(errors["torch"], float((F.group_norm(x, G).double() - exact).abs().max()))
-            label = f"{'x'.join(map(str, shape))} G={G} mean {mean:g} std {std:g}{' mixed' if mixed else ''} {layout}"
+            label = f"{'x'.join(map(str, shape))} G={G} mean {mean:g} std {std:g} {kind} {layout}"
             print(f"{label:52s} " + ", ".join(f"{name} {err:.1e}" for name, err in errors.items()))
+
+
+def neighbour_bias(shape: tuple, threads: int, rounds: int) -> None:
+    """The same backward call (autograd.grad through two graphs of one groupnorm.GroupNorm layer,
+    "ours A" and "ours B"), timed among other variants in a rotated order (each round starts one
+    later: A B C, B C A, ...; `groupnorm bench` until session 4) and in `groupnorm bench`'s shuffled
+    order. In a rotated order each variant follows the same neighbour in most rounds; "ours A" comes
+    right after an ATen backward and an empty_like, "ours B" after another numba call."""
+    torch.set_num_threads(threads)
+    numba.set_num_threads(threads)
+    N, C = shape[:2]
+    S, G = int(np.prod(shape[2:])), 32
+    x, dy = torch.randn(shape).requires_grad_(), torch.randn(shape)
+    layer, ref = groupnorm.GroupNorm(G, C), torch.nn.GroupNorm(G, C)
+    layer(x)
+    ya, yb = layer(x), layer(x)
+    params = [x, layer.weight, layer.bias]
+    xd, w = x.detach(), ref.weight.detach()
+    _, mean, rstd = torch.ops.aten.native_group_norm(xd, w, ref.bias.detach(), N, C, S, G, 1e-5)
+    cases = {
+        "ours A": lambda: torch.autograd.grad(ya, params, dy, retain_graph=True),
+        "numba fwd": lambda: layer(xd),
+        "ours B": lambda: torch.autograd.grad(yb, params, dy, retain_graph=True),
+        "aten bwd": lambda: torch.ops.aten.native_group_norm_backward(dy, xd, mean, rstd, w, N, C, S, G, [True] * 3),
+        "empty_like": lambda: torch.empty_like(xd),
+    }
+    timer = bench.Timer("cpu")
+    names = list(cases)
+    for fn in cases.values():
+        fn(), fn()
+    rotated = {name: [] for name in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            rotated[name].append(timer(cases[name]))
+    shuffled = bench.time_interleaved(cases, timer, rounds, 2, min_sample_s=0.0, budget_s=0.0)
+    for name in ("ours A", "ours B"):
+        print(f"{shape} {threads} thread(s) {name}: rotated order {statistics.median(rotated[name]) * 1e6:.0f} us, "
+              f"shuffled order {shuffled[name] * 1e6:.0f} us")
 
 
 def forward_floor(threads: int) -> None:
@@ -326,7 +369,7 @@ def train_profile() -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["silu", "large-mean", "paths", "kernel-ab", "activation-error", "forward-floor",
-                                    "nt-store", "train-profile", "stats-accuracy"])
+                                    "nt-store", "train-profile", "stats-accuracy", "neighbour-bias"])
     p.add_argument("args", nargs="*", help="paths: a shape (default 32 1024 14 14); kernel-ab: fwd|bwd then shapes like 8x2048x7x7")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
@@ -344,6 +387,8 @@ def main() -> None:
         activation_error(a.old)
     elif a.what == "stats-accuracy":
         stats_accuracy(a.old)
+    elif a.what == "neighbour-bias":
+        neighbour_bias(tuple(int(v) for v in a.args) if a.args else (8, 2048, 7, 7), a.threads, max(a.rounds, 31))
     elif a.what == "forward-floor":
         forward_floor(a.threads)
     elif a.what == "nt-store":

@@ -202,6 +202,24 @@ def test_float32_statistics_as_accurate_as_float64(shape, G, layout, mode):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_float32_statistics_with_a_misleading_group_start(layout, mode):
+    """The shift is sampled from a group's first 16 elements; zero padding there (mean 100 elsewhere)
+    puts it ~8 standard deviations from the mean, where float32 sums lose ~60x their rounding to
+    cancellation. Such groups must be summed again around the mean found."""
+    g = torch.Generator().manual_seed(12)
+    x64 = torch.randn(2, 64, 32, 32, generator=g, dtype=torch.float64) + 100
+    x64[:, :, 0, :16] = 0.0
+    x = x64.float()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    y, stats = BACKEND.forward(x, None, None, 8, 1e-5, "none")
+    xhat, _, rstd = ref.normalize(x.double().numpy(), 8, 1e-5)
+    err = float(np.abs(y.double().numpy() - xhat).max())
+    assert err < 2e-6, f"normalized output {err:.3g} off float64 ({layout}, {mode})"
+    np.testing.assert_allclose(stats.double().numpy()[..., 2], rstd, rtol=2e-7)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("split", ["auto", "fused", "split"])
 def test_bitwise_repeatable(layout, split, monkeypatch):
     """Large enough to run on every thread; two runs must agree bit for bit."""

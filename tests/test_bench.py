@@ -140,3 +140,4 @@ def test_interleaved_timing_varies_each_variants_predecessor():
         before = [calls[i - 1] for i in range(1, len(calls)) if calls[i] == n]
         assert max(before.count(p) for p in set(before)) <= 0.6 * len(before), (n, before)
     assert record() == calls
+    assert all(calls[i] != calls[i - 1] for i in range(1, len(calls)))  # never right after itself

@@ -16,12 +16,13 @@ Work decomposition (``prange`` over independent items, fixed-order merges, no at
 
 Statistics: shifted sums ``sum d``, ``sum d^2`` with ``d = x - K``, so that ``var = E[d^2] -
 E[d]^2`` does not cancel when the mean is large against the spread. K is the mean of the
-group's first 16 elements in memory order (close to the mean: the cancellation left grows with
-``(K - mean)^2 / var``), and d is summed in the input dtype in blocks (256 elements, or 64
-channels-last rows) that are added up in float64; contiguous groups under 1024 elements sum
-float64 terms around their first element instead (exact, and faster at that size). The mean is
-stored as ``mean_hi`` (rounded to the stats dtype) + ``mean_lo``. The elementwise passes
-compute ``(x - mean_hi) * a + b'`` in the input's dtype.
+group's first 16 elements in memory order, and d is summed in the input dtype in blocks (256
+elements, or 64 channels-last rows) that are added up in float64. What cancellation leaves grows
+with ``(K - mean)^2 / var``: a group whose K turns out more than one standard deviation off (zero
+padding at its start, say) is summed again around the mean found. Contiguous groups under 1024
+elements sum float64 terms around their first element instead (no cancellation to speak of, and
+faster at that size). The mean is stored as ``mean_hi`` (rounded to the stats dtype) +
+``mean_lo``. The elementwise passes compute ``(x - mean_hi) * a + b'`` in the input's dtype.
 
 Backward: per-(n, c) sums ``A = sum g``, ``B = sum g * xhat`` (g = dy * act'(z), z recomputed
 from x and stats) give dbias, dweight (reduced over n in order) and the two group means
@@ -245,8 +246,8 @@ _SHIFT_SAMPLES = 16
 def _shift_offsets(Cg, S, cs, ss):
     """Where _group_shift samples a group (channel c, position s at c * cs + s * ss from its
     first element): its first min(Cg * S, _SHIFT_SAMPLES) elements in memory order (positions
-    fastest when contiguous, channels fastest when channels-last), one or two cache lines that
-    the statistics pass reads next anyway. The same for every group, so made once per call."""
+    fastest when contiguous, channels fastest when channels-last): elements the statistics pass
+    reads next anyway. The same for every group, so made once per call."""
     K = min(Cg * S, _SHIFT_SAMPLES)
     off = np.empty(K, np.int64)
     for i in range(K):
@@ -264,7 +265,8 @@ def _group_shift(x, base, off):
     variance E[d^2] - E[d]^2 loses digits to cancellation in proportion to (shift - mean)^2 / var:
     a shift near the mean keeps float32 statistics about as accurate as float64 ones. One element
     alone can sit three standard deviations away (or be an outlier): with it, float32 outputs came
-    out 2-8e-6 off float64 where they are now ~6e-7 (test_float32_statistics_as_accurate_as_float64)."""
+    out 2-8e-6 off float64 where they are now ~6e-7 (test_float32_statistics_as_accurate_as_float64).
+    Where these elements mislead (padding), _far_from_mean has the group summed again."""
     t = 0.0
     for i in range(off.shape[0]):
         t += np.float64(x[base + off[i]])
@@ -289,7 +291,8 @@ def _block_shifted_sums(xs, e0, e1, shift, k):
 
 @njit(**_REDUCE)
 def _f64_shifted_sums(xs, shift):
-    """(sum d, sum d*d) with d = x - shift over xs, every term in float64 (exact for any shift)."""
+    """(sum d, sum d*d) with d = x - shift over xs, every term in float64 (for any shift K within
+    the data, cancellation costs nothing a float32 result could show)."""
     s1 = 0.0
     s2 = 0.0
     for i in range(xs.shape[0]):
@@ -324,6 +327,43 @@ def _shifted_sums(xs, shift, k):
         a, b = _block_shifted_sums(xs, e0, min(e0 + _BLOCK, n), shift, k)
         s1 += a
         s2 += b
+    return s1, s2
+
+
+@njit(**_SERIAL)
+def _far_from_mean(s1, s2, M):
+    """Sums around a shift more than one standard deviation from the mean: float32 sums around it
+    lose (1 + m^2 / var) times their rounding to cancellation in var = E[d^2] - m^2 (zero padding
+    at a group's start, an atypical first channel), so the group is summed again nearer the mean."""
+    m = s1 / M
+    return m * m > s2 / M - m * m
+
+
+@njit(**_SERIAL)
+def _nc_group_sums(xs, shift, k):
+    """(sum d, sum d*d, the shift as float64) over one contiguous group xs of _F32_SUMS_FROM or
+    more elements: float32 blocks around shift (x's dtype), again around the mean found if the
+    shift was far from it (the group is still in cache then)."""
+    M = xs.shape[0]
+    s1, s2 = _shifted_sums(xs, shift, k)
+    if _far_from_mean(s1, s2, M):
+        shift = _like(xs, np.float64(shift) + s1 / M)
+        s1, s2 = _shifted_sums(xs, shift, k)
+    return s1, s2, np.float64(shift)
+
+
+@njit(**_SERIAL)
+def _cl_group_f64_sums(x, xo, c0, Cg, C, S, shift):
+    """Float64 sums of d = x - shift (float64) over channels c0..c0+Cg of the channels-last sample at
+    x[xo:]: the exact re-summation of a group whose float32 sums were taken far from its mean."""
+    s1 = 0.0
+    s2 = 0.0
+    for s in range(S):
+        r = xo + s * C + c0
+        for c in range(Cg):
+            d = np.float64(x[r + c]) - shift
+            s1 += d
+            s2 += d * d
     return s1, s2
 
 
@@ -590,16 +630,17 @@ def _forward_nc(x, y, w, b, st, N, C, S, G, eps, act, nch):
     off = _shift_offsets(Cg, S, S, 1) if M >= _F32_SUMS_FROM else np.empty(0, np.int64)
     cf = np.empty(N * 6 * C, x.dtype)
     items = N * G if nch == 0 else N * C * nch
-    if nch > 0:
+    if nch > 0:  # few groups (batch 1): made once here, each group's shift is the same in every chunk
+        shifts = np.empty(N * G, x.dtype)
+        for i in range(N * G):
+            shifts[i] = _nc_shift(x, i * M, M, off)
         part = np.empty(2 * items)
         for it0 in prange(items):
             it = np.int64(it0)  # prange indices are unsigned; one signature per helper
             row = it // nch
             ch = it - row * nch
-            n = row // C
-            g = (row - n * C) // Cg
             r0 = row * S
-            shift = _nc_shift(x, (n * C + g * Cg) * S, M, off)
+            shift = shifts[row // Cg]  # rows (n, c) in order: group n * G + c // Cg
             if M < _F32_SUMS_FROM:
                 s1, s2 = _f64_shifted_sums(x[r0 + ch * S // nch:r0 + (ch + 1) * S // nch], np.float64(shift))
             else:
@@ -614,7 +655,11 @@ def _forward_nc(x, y, w, b, st, N, C, S, G, eps, act, nch):
             for it in range((n * C + g * Cg) * nch, (n * C + g * Cg + Cg) * nch):
                 s1 += part[2 * it]
                 s2 += part[2 * it + 1]
-            _finish_stats(st, i, s1, s2, M, np.float64(_nc_shift(x, (n * C + g * Cg) * S, M, off)), eps)
+            shift64 = np.float64(shifts[i])
+            if M >= _F32_SUMS_FROM and _far_from_mean(s1, s2, M):  # rare: summed again, serially, in float64
+                shift64 = np.float64(_like(x, shift64 + s1 / M))
+                s1, s2 = _f64_shifted_sums(x[i * M:(i + 1) * M], shift64)
+            _finish_stats(st, i, s1, s2, M, shift64, eps)
             _affine_coefs(cf, st, n, g, C, Cg, w, b)
     for it0 in prange(items):
         it = np.int64(it0)  # prange indices are unsigned; one signature per helper
@@ -625,10 +670,8 @@ def _forward_nc(x, y, w, b, st, N, C, S, G, eps, act, nch):
             if M < _F32_SUMS_FROM:
                 shift64 = np.float64(x[lo])
                 s1, s2 = _f64_shifted_sums(x[lo:lo + M], shift64)
-            else:
-                shift = _group_shift(x, lo, off)  # in x's dtype (a float64 would promote the sums)
-                s1, s2 = _shifted_sums(x[lo:lo + M], shift, k)
-                shift64 = np.float64(shift)
+            else:  # the shift in x's dtype (a float64 would promote the sums)
+                s1, s2, shift64 = _nc_group_sums(x[lo:lo + M], _group_shift(x, lo, off), k)
             _finish_stats(st, it, s1, s2, M, shift64, eps)
             _affine_coefs(cf, st, n, g, C, Cg, w, b)
             c0, c1, s0, s1_ = g * Cg, (g + 1) * Cg, 0, S
@@ -823,7 +866,10 @@ def _forward_cl(x, y, w, b, st, N, C, S, G, eps, act, nch):
     off = _shift_offsets(Cg, S, 1, C)
     cf = np.empty(N * 6 * C, x.dtype)
     items = N if nch == 0 else N * nch
-    if nch > 0:
+    if nch > 0:  # few samples (batch 1): made once here, each channel's shift is the same in every chunk
+        shifts = np.empty(N * C, x.dtype)
+        for n in range(N):
+            shifts[n * C:(n + 1) * C] = _cl_shifts(x, n * S * C, C, Cg, off)
         part = np.zeros(items * 2 * C)
         for it0 in prange(items):
             it = np.int64(it0)  # prange indices are unsigned; one signature per helper
@@ -831,7 +877,7 @@ def _forward_cl(x, y, w, b, st, N, C, S, G, eps, act, nch):
             ch = it - n * nch
             po = it * 2 * C
             _cl_stat_rows(
-                x, part[po:po + C], part[po + C:po + 2 * C], _cl_shifts(x, n * S * C, C, Cg, off),
+                x, part[po:po + C], part[po + C:po + 2 * C], shifts[n * C:(n + 1) * C],
                 n * S * C, ch * S // nch, (ch + 1) * S // nch, C,
             )
         for n in range(N):
@@ -843,7 +889,11 @@ def _forward_cl(x, y, w, b, st, N, C, S, G, eps, act, nch):
                     for c in range(g * Cg, (g + 1) * Cg):
                         t1 += part[po + c]
                         t2 += part[po + C + c]
-                _finish_stats(st, n * G + g, t1, t2, M, np.float64(_group_shift(x, n * S * C + g * Cg, off)), eps)
+                shift64 = np.float64(shifts[n * C + g * Cg])
+                if _far_from_mean(t1, t2, M):  # rare: summed again, serially, in float64
+                    shift64 = np.float64(_like(x, shift64 + t1 / M))
+                    t1, t2 = _cl_group_f64_sums(x, n * S * C, g * Cg, Cg, C, S, shift64)
+                _finish_stats(st, n * G + g, t1, t2, M, shift64, eps)
                 _affine_coefs(cf, st, n, g, C, Cg, w, b)
     for it0 in prange(items):
         it = np.int64(it0)  # prange indices are unsigned; one signature per helper
@@ -860,7 +910,11 @@ def _forward_cl(x, y, w, b, st, N, C, S, G, eps, act, nch):
                 for c in range(g * Cg, (g + 1) * Cg):
                     t1 += acc1[c]
                     t2 += acc2[c]
-                _finish_stats(st, n * G + g, t1, t2, M, np.float64(shift[g * Cg]), eps)
+                shift64 = np.float64(shift[g * Cg])
+                if _far_from_mean(t1, t2, M):  # rare: this group summed again in float64
+                    shift64 = np.float64(_like(x, shift64 + t1 / M))
+                    t1, t2 = _cl_group_f64_sums(x, n * S * C, g * Cg, Cg, C, S, shift64)
+                _finish_stats(st, n * G + g, t1, t2, M, shift64, eps)
                 _affine_coefs(cf, st, n, g, C, Cg, w, b)
         else:
             n = it // nch

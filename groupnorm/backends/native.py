@@ -17,7 +17,8 @@ functorch transforms and the forced split modes of the tests keep the Python pat
 
 Two ways in: ``group_norm`` here (the numba backend's ``fast_lane``, after group_norm's Python
 argument checks and backend selection), and ``front`` (``groupnorm_native::try_group_norm``), which
-``groupnorm.group_norm`` calls first for plain eager calls when no backend is forced: it makes the
+``groupnorm.group_norm`` and ``groupnorm.GroupNorm.forward`` (through ``functional.try_front``) call
+first for plain eager calls when no backend is forced: it makes the
 same argument checks in C++ and returns None for anything it does not take, so errors still come
 from the Python checks. Once loaded, this module sets ``groupnorm.backends.native_lane`` to itself.
 """
@@ -136,7 +137,6 @@ def _load() -> bool:
             torch.ops.load_library(str(path))
             _define_differentiable_grads()
             _state["op"] = torch.ops.groupnorm_native.group_norm.default
-            ok = True
             global front, cpu
             from groupnorm.backends import cpu as numba_backend
 
@@ -144,6 +144,7 @@ def _load() -> bool:
             overload = torch.ops.groupnorm_native.try_group_norm.default
             front = getattr(overload, "_op", overload)  # the bound C++ op: skips OpOverload.__call__ (~3 us)
             backends.native_lane = sys.modules[__name__]
+            ok = True
         except (OSError, RuntimeError) as exc:
             text = str(exc).strip()
             reason = f"{type(exc).__name__}: {text.splitlines()[0] if text else exc!r}"
