@@ -220,12 +220,29 @@ def stats_accuracy(old_root: str | None) -> None:
             print(f"{label:52s} " + ", ".join(f"{name} {err:.1e}" for name, err in errors.items()))
 
 
+def _time_rotated(fns: dict, rounds: int) -> dict:
+    """`groupnorm bench`'s timing as it was until session 4: like bench.time_interleaved, but each
+    round starts one variant later (A B C, B C A, C A B) instead of taking a shuffled order."""
+    timer = bench.Timer("cpu")
+    calls = {}
+    for name, fn in fns.items():
+        fn(), fn()
+        calls[name] = max(1, min(1000, int(2e-3 / max(timer(fn), 1e-7))))
+    samples = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            samples[name].append(timer(fns[name], calls[name]))
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
 def neighbour_bias(shape: tuple, threads: int, rounds: int) -> None:
-    """The same backward call (autograd.grad through two graphs of one groupnorm.GroupNorm layer,
-    "ours A" and "ours B"), timed among other variants in a rotated order (each round starts one
-    later: A B C, B C A, ...; `groupnorm bench` until session 4) and in `groupnorm bench`'s shuffled
-    order. In a rotated order each variant follows the same neighbour in most rounds; "ours A" comes
-    right after an ATen backward and an empty_like, "ours B" after another numba call."""
+    """The same backward call (autograd.grad through graphs of one groupnorm.GroupNorm layer: "ours A"
+    to "ours E" are five graphs of the same op) among other variants, timed in a rotated order
+    (each round starts one later: A B C, B C A, ...; `groupnorm bench` until session 4) and in
+    `groupnorm bench`'s shuffled order. In a rotated order each variant follows the same neighbour in
+    most rounds: "ours A" comes right after an empty_like that comes after an ATen backward."""
     torch.set_num_threads(threads)
     numba.set_num_threads(threads)
     N, C = shape[:2]
@@ -233,29 +250,32 @@ def neighbour_bias(shape: tuple, threads: int, rounds: int) -> None:
     x, dy = torch.randn(shape).requires_grad_(), torch.randn(shape)
     layer, ref = groupnorm.GroupNorm(G, C), torch.nn.GroupNorm(G, C)
     layer(x)
-    ya, yb = layer(x), layer(x)
-    params = [x, layer.weight, layer.bias]
+    ya, yr = layer(x), ref(x)
+    yb = groupnorm.group_norm(x, G, layer.weight, layer.bias, backend="numba")
+    yc, yd, ye = layer(x), layer(x), layer(x)
+    params, rparams = [x, layer.weight, layer.bias], [x, ref.weight, ref.bias]
     xd, w = x.detach(), ref.weight.detach()
     _, mean, rstd = torch.ops.aten.native_group_norm(xd, w, ref.bias.detach(), N, C, S, G, 1e-5)
+    xn, dyn, wn, bn = xd.numpy().ravel(), dy.numpy().ravel(), w.numpy(), ref.bias.detach().numpy()
+    st = np.empty(N * G * 3, np.float32)
+    nch = cpu._plan(N, C, S, G, False, threads)[1]
+    cpu._forward_nc(xn, np.empty_like(xn), wn, bn, st, N, C, S, G, 1e-5, 0, nch)
+    dx, dw, db = np.empty_like(xn), np.empty(C, np.float32), np.empty(C, np.float32)
     cases = {
         "ours A": lambda: torch.autograd.grad(ya, params, dy, retain_graph=True),
-        "numba fwd": lambda: layer(xd),
+        "torch": lambda: torch.autograd.grad(yr, rparams, dy, retain_graph=True),
         "ours B": lambda: torch.autograd.grad(yb, params, dy, retain_graph=True),
+        "ours C": lambda: torch.autograd.grad(yc, params, dy, retain_graph=True),
+        "ours D": lambda: torch.autograd.grad(yd, params, dy, retain_graph=True),
+        "ours E": lambda: torch.autograd.grad(ye, params, dy, retain_graph=True),
+        "numba kernel": lambda: cpu._backward_nc(dyn, xn, dx, dw, db, wn, bn, st, N, C, S, G, 0, nch),
         "aten bwd": lambda: torch.ops.aten.native_group_norm_backward(dy, xd, mean, rstd, w, N, C, S, G, [True] * 3),
         "empty_like": lambda: torch.empty_like(xd),
     }
-    timer = bench.Timer("cpu")
-    names = list(cases)
-    for fn in cases.values():
-        fn(), fn()
-    rotated = {name: [] for name in names}
-    for r in range(rounds):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            rotated[name].append(timer(cases[name]))
-    shuffled = bench.time_interleaved(cases, timer, rounds, 2, min_sample_s=0.0, budget_s=0.0)
-    for name in ("ours A", "ours B"):
-        print(f"{shape} {threads} thread(s) {name}: rotated order {statistics.median(rotated[name]) * 1e6:.0f} us, "
+    rotated = _time_rotated(cases, rounds)
+    shuffled = bench.time_interleaved(cases, bench.Timer("cpu"), rounds, 2, budget_s=0.0)
+    for name in ("ours A", "ours B", "ours C", "ours D", "ours E", "torch"):
+        print(f"{shape} {threads} thread(s) {name}: rotated order {rotated[name] * 1e6:.0f} us, "
               f"shuffled order {shuffled[name] * 1e6:.0f} us")
 
 
