@@ -567,6 +567,26 @@ def main(args) -> int:
     if args.repeats < 1 or args.warmup < 0:
         print("groupnorm bench: --repeats must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
+    if device == "cpu" and not args.quick and args.suite and "gpu" in args.suite:
+        print("groupnorm bench: the gpu suite is for --device cuda (SD/SDXL shapes of up to 256 MiB in bfloat16, "
+              f"sized for a GPU); on the CPU choose from {', '.join(CPU_SUITES)}", file=sys.stderr)
+        return 2
+    if args.backend is not None:
+        from groupnorm import backends
+
+        try:
+            backends.get(args.backend)
+        except ValueError as exc:
+            print(f"groupnorm bench: --backend: {exc}", file=sys.stderr)
+            return 2
+    if args.out is not None:  # before minutes of timing, not after
+        from groupnorm.cli import output_dir_problem
+
+        problem = output_dir_problem(args.out)
+        if problem:
+            print(f"groupnorm bench: cannot write results to --out {args.out} ({problem}); "
+                  "give a directory you can write to", file=sys.stderr)
+            return 2
     if args.threads:
         torch.set_num_threads(args.threads)
         try:

@@ -8,12 +8,25 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 SUBCOMMANDS = {
     "study": ("groupnorm.study.cli", "reproduce the paper's batch-size experiment (BN vs GN vs LN/IN/GN+WS)"),
     "bench": ("groupnorm.bench", "time the GroupNorm kernels against torch.nn.GroupNorm and the memory floor"),
 }
+
+
+def output_dir_problem(path) -> str | None:
+    """Create the output folder ``path`` (a pathlib.Path) if needed; None when results can be
+    written there, else what is wrong, for a message given before any long work starts."""
+    if path.exists() and not path.is_dir():
+        return "it is a file, not a directory"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None if os.access(path, os.W_OK) else "not writable"
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -141,3 +141,18 @@ def test_interleaved_timing_varies_each_variants_predecessor():
         assert max(before.count(p) for p in set(before)) <= 0.6 * len(before), (n, before)
     assert record() == calls
     assert all(calls[i] != calls[i - 1] for i in range(1, len(calls)))  # never right after itself
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--quick", "--out", "{file}"], "it is a file, not a directory"),
+    (["--quick", "--out", "{file}/sub"], "cannot write results to --out"),
+    (["--suite", "gpu"], "the gpu suite is for --device cuda"),
+    (["--quick", "--backend", "nope"], "unknown groupnorm backend 'nope'"),
+])
+def test_bad_arguments_fail_at_once_with_the_fix(argv, message, tmp_path, capsys):
+    """Before any timing (a bad --out used to fail only after the whole run, losing it)."""
+    file = tmp_path / "a_file"
+    file.write_text("x")
+    assert main(["bench", *[a.format(file=file) for a in argv]]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "groupnorm bench on" not in captured.out

@@ -121,6 +121,16 @@ def test_bad_data_path_is_a_clear_error(tmp_path, capsys):
     assert "missing: no such file or folder" in err and "expected one of" in err
 
 
+def test_unwritable_out_is_a_clear_error_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for out, why in ((blocker, "it is a file, not a directory"), (blocker / "sub", "cannot write the study")):
+        assert cli.run(["--quick", "--out", str(out), "--no-progress"]) == 2
+        captured = capsys.readouterr()
+        assert why in captured.err and "give a directory you can write to" in captured.err
+        assert "runs (" not in captured.out  # failed before loading data or planning runs
+
+
 def test_help_shows_defaults():
     proc = subprocess.run([sys.executable, "-m", "groupnorm.study.cli", "--help"], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)})

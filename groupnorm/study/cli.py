@@ -143,6 +143,13 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if args.final_epochs > args.epochs:
         args.final_epochs = args.epochs
+    from groupnorm.cli import output_dir_problem
+
+    problem = output_dir_problem(args.out) if Dist.from_env().is_main else None
+    if problem:
+        print(f"error: cannot write the study to --out {args.out} ({problem}); give a directory you can write to",
+              file=sys.stderr)
+        return 2
 
     recipe = Recipe(data=str(args.data), train_size=args.train_size, val_size=args.val_size,
                     image_size=args.image_size, model=args.model, width=args.width, blocks=args.blocks, stem_stride=args.stem_stride,
