@@ -16,7 +16,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from groupnorm.functional import checked_group_norm, try_front
+from groupnorm.functional import checked_group_norm, group_norm, try_front
 from groupnorm.groups import resolve_groups
 
 
@@ -26,8 +26,7 @@ def _layer_group_norm(input, num_channels, num_groups, weight, bias, eps, activa
             f"GroupNorm(num_channels={num_channels}) got an input with {input.shape[1]} channels "
             f"(shape {tuple(input.shape)}); the channel axis is dim 1 (N, C, *)"
         )
-    # GroupNorm.forward has already offered the call to the C++ front
-    return checked_group_norm(input, num_groups, weight, bias, eps, activation, None)
+    return group_norm(input, num_groups, weight, bias, eps, activation=activation)
 
 
 # torch.fx.symbolic_trace (and feature extractors built on it) keep this call as one node
@@ -82,11 +81,13 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if type(input) is torch.Tensor and input.dim() >= 2 and input.shape[1] == self.num_channels:
-            # a plain eager tensor: straight to the C++ front (fx proxies, compiled code and anything
-            # the front declines go the checked way)
+            # a plain tensor: straight to the C++ front, and what it declines (CUDA, compiled code, a
+            # forced backend...) to the checked path, without a second offer to the front
             y = try_front(input, self.num_groups, self.weight, self.bias, self.eps, self.activation)
             if y is not None:
                 return y
+            return checked_group_norm(input, self.num_groups, self.weight, self.bias, self.eps, self.activation, None)
+        # fx proxies (kept as one node), and the layer's own error for a wrong channel count
         return _layer_group_norm(
             input, self.num_channels, self.num_groups, self.weight, self.bias, self.eps, self.activation
         )

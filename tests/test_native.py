@@ -313,6 +313,13 @@ def test_layer_goes_straight_to_the_front_and_keeps_its_own_errors(monkeypatch):
         for bad in (torch.randn(2, 6, 4), torch.randn(8), torch.randn(2, 16, 3)):
             with pytest.raises(ValueError, match="GroupNorm\\(num_channels=8\\) got an input with|at least 2 dimensions"):
                 layer(bad)
+    # a call the front declines (float64 parameters, float32 input) is offered to it once, then checked
+    offers = []
+    real_front = native.front
+    monkeypatch.setattr(native, "front", lambda *a: offers.append(1) or real_front(*a))
+    with pytest.raises(TypeError, match="weight has dtype torch.float64"):
+        groupnorm.GroupNorm(4, 8).double()(x)
+    assert offers == [1]
 
 
 def test_use_backend_in_another_thread_forces_only_that_thread():
