@@ -158,8 +158,9 @@ def time_interleaved(fns: dict, timer: Timer, repeats: int, warmup: int, min_sam
     (a seeded shuffle, so reruns repeat it): what one variant leaves behind (the allocator's heap,
     caches, another library's thread pool still spinning) then falls on every other variant
     alike. A fixed or merely rotated order (A, B, C, then B, C, A) has each variant follow the
-    same neighbour in nearly every round, which biased the figures by up to 1.5x on this VM
-    (e.g. a numba backward timed right after an ATen call).
+    same neighbour in nearly every round, which biased single variants by up to 1.5x on a 2-core
+    VM (``python scripts/spot_checks.py neighbour-bias``: a backward call always timed after an
+    ATen call and an allocation, against identical calls elsewhere in the cycle).
 
     Fast functions are called several times per sample so that one sample lasts about
     min_sample_s (timer resolution stays negligible). At least ``repeats`` rounds are
