@@ -275,12 +275,6 @@ def group_norm(
         y = try_front(input, num_groups, weight, bias, eps, activation)
         if y is not None:
             return y
-    return checked_group_norm(input, num_groups, weight, bias, eps, activation, backend)
-
-
-def checked_group_norm(input, num_groups, weight, bias, eps, activation, backend) -> Tensor:
-    """group_norm after its C++ front: the Python checks, then the op (traced, functorch, the fast
-    lane, or the Python path). ``groupnorm.GroupNorm`` comes here when the front declined."""
     act = check_inputs(input, num_groups, weight, bias, eps, activation)
     if not isinstance(num_groups, torch.SymInt):
         num_groups = int(num_groups)  # numpy integers
@@ -315,7 +309,7 @@ _functorch_probe = getattr(torch._C, "_are_functorch_transforms_active", None)
 def try_front(input, num_groups, weight, bias, eps, activation) -> Optional[Tensor]:
     """The C++ front's answer for a plain eager call (see ``backends.native``), or None: arguments
     of other types, or anything it does not take, go the checked Python path. Only for calls with
-    no ``backend=`` argument; ``groupnorm.GroupNorm.forward`` calls it directly."""
+    no ``backend=`` argument."""
     lane = backends.native_lane
     if (
         lane is not None

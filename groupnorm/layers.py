@@ -16,7 +16,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from groupnorm.functional import checked_group_norm, group_norm, try_front
+from groupnorm.functional import group_norm
 from groupnorm.groups import resolve_groups
 
 
@@ -81,12 +81,7 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if type(input) is torch.Tensor and input.dim() >= 2 and input.shape[1] == self.num_channels:
-            # a plain tensor: straight to the C++ front, and what it declines (CUDA, compiled code, a
-            # forced backend...) to the checked path, without a second offer to the front
-            y = try_front(input, self.num_groups, self.weight, self.bias, self.eps, self.activation)
-            if y is not None:
-                return y
-            return checked_group_norm(input, self.num_groups, self.weight, self.bias, self.eps, self.activation, None)
+            return group_norm(input, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation)
         # fx proxies (kept as one node), and the layer's own error for a wrong channel count
         return _layer_group_norm(
             input, self.num_channels, self.num_groups, self.weight, self.bias, self.eps, self.activation

@@ -20,6 +20,8 @@ Session 4 additions:
     python scripts/spot_checks.py activation-error [--old /path/to/older/checkout]   # float32 SiLU/GELU error
     python scripts/spot_checks.py stats-accuracy [--old /path/to/older/checkout]     # float32 forward vs float64
     python scripts/spot_checks.py neighbour-bias 8 2048 7 7   # one call timed in a rotated vs a shuffled order
+    python scripts/spot_checks.py geomeans DIR [DIR ...]      # torch/ours geomeans per pass from bench.json files
+    python scripts/spot_checks.py openmp-runtimes             # which OpenMP libraries the process holds
     python scripts/spot_checks.py forward-floor        # our forward kernel vs a copy, 32x256x56x56, in-process
     python scripts/spot_checks.py nt-store             # plain vs non-temporal stores over 98 MiB
     python scripts/spot_checks.py train-profile        # norm + ReLU vs convolution time in the bench's channels-last ResNet step
@@ -279,6 +281,40 @@ def neighbour_bias(shape: tuple, threads: int, rounds: int) -> None:
               f"shuffled order {shuffled[name] * 1e6:.0f} us")
 
 
+def geomeans(dirs: list) -> None:
+    """Geometric mean (and minimum) of torch/ours per suite, layout and pass (fwd, bwd, fwdbwd)
+    in the bench.json of each `groupnorm bench --out DIR` given, side by side (the bench's own
+    targets give only forward+backward)."""
+    import json
+    from pathlib import Path
+
+    runs = {d: json.loads((Path(d) / "bench.json").read_text())["kernels"] for d in dirs}
+    keys = sorted({(r["suite"], r["layout"], r["pass"]) for rows in runs.values() for r in rows})
+    for key in keys:
+        cells = []
+        for d, rows in runs.items():
+            vals = [r["speedup"] for r in rows if (r["suite"], r["layout"], r["pass"]) == key]
+            if vals:
+                cells.append(f"{math.exp(sum(map(math.log, vals)) / len(vals)):.3f} (min {min(vals):.2f})")
+        print(f"{key[0]:9s} {key[1]:13s} {key[2]:6s} " + "   ".join(cells))
+
+
+def openmp_runtimes() -> None:
+    """The OpenMP libraries mapped into this process after one torch and one groupnorm call on
+    two threads, and its thread count."""
+    import os
+
+    torch.set_num_threads(2)
+    numba.set_num_threads(2)
+    x = torch.randn(8, 64, 32, 32)
+    groupnorm.group_norm(x, 8)
+    F.group_norm(x, 8)
+    with open("/proc/self/maps") as f:
+        libs = sorted({line.split()[-1] for line in f if "gomp" in line or "libiomp" in line})
+    print(f"OpenMP libraries: {libs}; numba threading layer {numba.threading_layer()}; "
+          f"threads in this process: {len(os.listdir('/proc/self/task'))}")
+
+
 def forward_floor(threads: int) -> None:
     numba.set_num_threads(threads)
     torch.set_num_threads(threads)
@@ -389,8 +425,9 @@ def train_profile() -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["silu", "large-mean", "paths", "kernel-ab", "activation-error", "forward-floor",
-                                    "nt-store", "train-profile", "stats-accuracy", "neighbour-bias"])
-    p.add_argument("args", nargs="*", help="paths: a shape (default 32 1024 14 14); kernel-ab: fwd|bwd then shapes like 8x2048x7x7")
+                                    "nt-store", "train-profile", "stats-accuracy", "neighbour-bias",
+                                    "geomeans", "openmp-runtimes"])
+    p.add_argument("args", nargs="*", help="paths, neighbour-bias: a shape (default 32 1024 14 14, 8 2048 7 7); kernel-ab: fwd|bwd then shapes like 8x2048x7x7; geomeans: bench --out folders")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--old", help="kernel-ab, activation-error, stats-accuracy: root of an older checkout")
@@ -407,6 +444,10 @@ def main() -> None:
         activation_error(a.old)
     elif a.what == "stats-accuracy":
         stats_accuracy(a.old)
+    elif a.what == "geomeans":
+        geomeans(a.args)
+    elif a.what == "openmp-runtimes":
+        openmp_runtimes()
     elif a.what == "neighbour-bias":
         neighbour_bias(tuple(int(v) for v in a.args) if a.args else (8, 2048, 7, 7), a.threads, max(a.rounds, 31))
     elif a.what == "forward-floor":

@@ -294,8 +294,8 @@ def test_front_respects_every_way_of_forcing_a_path(monkeypatch):
 
 
 def test_layer_goes_straight_to_the_front_and_keeps_its_own_errors(monkeypatch):
-    """GroupNorm.forward hands plain tensors to the C++ front itself (no Python checks, no
-    _layer_group_norm), bitwise what the Python path gives; a wrong channel count still gets the
+    """GroupNorm.forward hands plain tensors to group_norm and so to the C++ front (no Python checks,
+    no _layer_group_norm), bitwise what the Python path gives; a wrong channel count still gets the
     layer's message, with and without affine parameters."""
     from groupnorm import layers
 

@@ -17,8 +17,8 @@ functorch transforms and the forced split modes of the tests keep the Python pat
 
 Two ways in: ``group_norm`` here (the numba backend's ``fast_lane``, after group_norm's Python
 argument checks and backend selection), and ``front`` (``groupnorm_native::try_group_norm``), which
-``groupnorm.group_norm`` and ``groupnorm.GroupNorm.forward`` (through ``functional.try_front``) call
-first for plain eager calls when no backend is forced: it makes the
+``groupnorm.group_norm`` (and so ``groupnorm.GroupNorm``) calls first for plain eager calls when no
+backend is forced: it makes the
 same argument checks in C++ and returns None for anything it does not take, so errors still come
 from the Python checks. Once loaded, this module sets ``groupnorm.backends.native_lane`` to itself.
 """
