@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -179,6 +181,30 @@ def _build_stdconv(conv: nn.Module) -> nn.Module:
     return new
 
 
+def _fan_in(conv: nn.Module) -> int:
+    return (conv.in_channels // conv.groups) * math.prod(conv.kernel_size)
+
+
+def _check_plain_weight(name: str, m: nn.Module, weight_standardization: bool) -> None:
+    """Refuse, before anything changes, a layer whose weight is not a plain Parameter (weight norm,
+    torch.nn.utils.parametrize): moving it into the new layer would fail half-way through."""
+    from torch.nn.utils import parametrize
+
+    where = f"{type(m).__name__} at {name or '<root>'!r}"
+    if parametrize.is_parametrized(m):
+        raise ValueError(
+            f"{where} has parametrized tensors ({', '.join(m.parametrizations.keys())}); remove them first "
+            "(torch.nn.utils.parametrize.remove_parametrizations(layer, name)), then convert"
+            + ("" if isinstance(m, _BatchNorm) else ", or convert without weight_standardization")
+        )
+    if getattr(m, "weight", None) is not None and not isinstance(m._parameters.get("weight"), nn.Parameter):
+        raise ValueError(
+            f"{where} computes its weight from other parameters (e.g. torch.nn.utils.weight_norm); remove that "
+            "first (torch.nn.utils.remove_weight_norm(layer)), then convert"
+            + ("" if isinstance(m, _BatchNorm) else ", or convert without weight_standardization")
+        )
+
+
 def _named_tree(module: nn.Module, prefix: str = "", seen: set | None = None) -> Iterator[tuple[str, nn.Module]]:
     """(name, module) pairs, the root first, not descending into BatchNorms (they are replaced whole)."""
     seen = set() if seen is None else seen
@@ -188,8 +214,9 @@ def _named_tree(module: nn.Module, prefix: str = "", seen: set | None = None) ->
     yield prefix, module
     if isinstance(module, _BatchNorm):
         return
-    for name, child in module.named_children():
-        yield from _named_tree(child, f"{prefix}.{name}" if prefix else name, seen)
+    for name, child in module._modules.items():
+        if child is not None:
+            yield from _named_tree(child, f"{prefix}.{name}" if prefix else name, seen)
 
 
 def convert_batchnorm(
@@ -249,11 +276,15 @@ def convert_batchnorm(
 
     # Plan: resolve every layer first so that an impossible request raises before any change.
     plan: dict[int, tuple[str, nn.Module, Callable[[], nn.Module], Replacement]] = {}
+    skipped_convs: list[str] = []
     for name, m in _named_tree(module):
         if _is_uninitialized(m):
             if isinstance(m, _BatchNorm) or (weight_standardization and isinstance(m, nn.modules.conv._ConvNd)):
                 raise _lazy_error(name, m)
             continue
+        if isinstance(m, _BatchNorm) or (weight_standardization and isinstance(m, tuple(_STD_CONVS))
+                                         and not isinstance(m, tuple(_STD_CONVS.values()))):
+            _check_plain_weight(name, m, weight_standardization)
         if isinstance(m, _BatchNorm):
             C = m.num_features
             try:
@@ -270,6 +301,9 @@ def convert_batchnorm(
             row = Replacement(name, type(m).__name__, new_type, C, G, float(layer_eps), m.affine)
             plan[id(m)] = (name, m, lambda m=m, C=C, e=layer_eps: _build_groupnorm(m, C, request, e), row)
         elif weight_standardization and type(m) in _STD_CONVS:
+            if _fan_in(m) == 1:
+                skipped_convs.append(name)
+                continue
             row = Replacement(name, type(m).__name__, _STD_CONVS[type(m)].__name__, m.out_channels, None,
                               float("nan"), m.bias is not None)  # eps filled in once built
             plan[id(m)] = (name, m, lambda m=m: _build_stdconv(m), row)
@@ -290,7 +324,11 @@ def convert_batchnorm(
         if id(parent) in seen or isinstance(parent, (_BatchNorm, GroupNorm)):
             return
         seen.add(id(parent))
-        for child_name, child in list(parent.named_children()):
+        # _modules, not named_children(): that skips a module registered twice under one parent
+        # (nn.ModuleList([bn] * 3), Sequential(..., bn, ..., bn)), which would stay a BatchNorm
+        for child_name, child in list(parent._modules.items()):
+            if child is None:
+                continue
             new = replace(child)
             if new is not child:
                 setattr(parent, child_name, new)
@@ -307,6 +345,27 @@ def convert_batchnorm(
             logger.warning("%s: %d channels give one channel per group (Instance Norm)", r.name, r.num_channels)
     if summary.convs():
         logger.info("%d convolution(s) swapped for weight-standardized ones", len(summary.convs()))
+    if skipped_convs:
+        warnings.warn(
+            f"weight standardization skipped {len(skipped_convs)} convolution(s) with one weight per filter "
+            f"({', '.join(repr(n) for n in skipped_convs[:5])}{' ...' if len(skipped_convs) > 5 else ''}): "
+            "standardizing a single weight gives 0, which would silence the layer; they stay plain convolutions",
+            stacklevel=2,
+        )
+    # BatchNorm1d after a Linear normalizes (N, C) features, where GroupNorm sees only C/G values per group
+    linear_widths = {m.out_features for m in root.modules() if isinstance(m, nn.Linear)}
+    narrow_1d = [r for r in summary.norms() if r.old_type.endswith("BatchNorm1d") and r.group_size < 16
+                 and r.num_channels in linear_widths]
+    if narrow_1d:
+        names = ", ".join(f"{r.name or '<root>'!r} ({r.num_channels} channels, {r.group_size} per group)"
+                          for r in narrow_1d[:5]) + (" ..." if len(narrow_1d) > 5 else "")
+        warnings.warn(
+            f"converted BatchNorm1d layer(s) {names} as wide as a Linear layer's output: if a layer normalizes "
+            "(N, C) features (an MLP or projection head, no length dimension), each sample's group holds only its channels-per-group "
+            "values, and with 2 of them the output is about +-1 whatever the input; convert such a layer first, "
+            "on its own, as one group (like LayerNorm): convert_batchnorm(model.head, group_size=C)",
+            stacklevel=2,
+        )
     if verbose:
         print(summary)
     if "opacus" in sys.modules:  # DP users convert then wrap: give Opacus our per-sample gradients
@@ -495,6 +554,9 @@ class _Hooks:
         self.mode = "record"
         self.keep_inputs: set[str] = set()
         self.tol = (0.0, 0.0)
+        # (module, call, output) whose dim 0 turned out not to be the batch (it did not shrink to one
+        # sample): a sequence-first RNN's output when L == N, say; skipped from then on
+        self.unbatched: set[tuple[str, int, int]] = set()
         self.reset()
         for m, n in self.names.items():
             self.handles.append(m.register_forward_pre_hook(self._pre(n), with_kwargs=True))
@@ -527,9 +589,14 @@ class _Hooks:
             refs = self.ref.get(name, [])
             if k > len(refs):
                 return  # more calls than in the batch: found by the call count
-            for ref, out in zip(refs[k - 1], outs):
-                if ref.dim() and ref.shape[0] == self.pick.size:  # only tensors batched along dim 0
-                    self.on_dev(name, *_deviation(out.detach(), self.pick(ref), *self.tol))
+            for j, (ref, out) in enumerate(zip(refs[k - 1], outs)):
+                if not (ref.dim() and ref.shape[0] == self.pick.size) or (name, k, j) in self.unbatched:
+                    continue  # only tensors batched along dim 0
+                picked = self.pick(ref)
+                if out.dim() == 0 or out.shape[0] != picked.shape[0]:
+                    self.unbatched.add((name, k, j))
+                    continue
+                self.on_dev(name, *_deviation(out.detach(), picked, *self.tol))
         return hook
 
     def remove(self):
@@ -631,7 +698,7 @@ def _run_checks(model, args, N, hooks: _Hooks, report: BatchIndependenceReport, 
     def run(batch, mode="record", pick=None, on_dev=None, run_seed=seed):
         hooks.reset(mode, ref, pick, on_dev)
         torch.manual_seed(run_seed)
-        model(*batch)
+        model(*(a.clone() for a in batch))  # a model that works on its input in place must not change the caller's
         return hooks.counts
 
     def where() -> str:
@@ -739,7 +806,7 @@ def _isolated(module, calls, N, tol, seed) -> tuple[float, bool, str]:
             except Exception as e:  # noqa: BLE001 - e.g. BatchNorm1d needs more than one value per channel
                 return float("inf"), False, f"fails on one sample alone: {type(e).__name__}: {e}"
             for r, o in zip(ref, outs):
-                if r.dim() and r.shape[0] == N:
+                if r.dim() and r.shape[0] == N and o.dim() and o.shape[0] == 1:
                     dev, ok = _deviation(o, r[i:i + 1], *tol)
                     worst, all_ok = max(worst, dev), all_ok and ok
     return worst, all_ok, ""

@@ -84,6 +84,7 @@ def resolve_groups(
         raise ValueError(
             f"num_groups must be in [1, num_channels={C}], got {G}; "
             f"group counts that divide {C}: {divisors(C)}"
+            + (f"; or pass policy='divisor' (largest divisor of {C} not above {G})" if G > 0 else "")
         )
     if C % G == 0 and C // G >= min_group_size:
         return G

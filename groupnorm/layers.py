@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from groupnorm.functional import group_norm
-from groupnorm.groups import resolve_groups
+from groupnorm.groups import POLICIES, resolve_groups
 
 
 def _layer_group_norm(input, num_channels, num_groups, weight, bias, eps, activation):
@@ -31,6 +31,13 @@ def _layer_group_norm(input, num_channels, num_groups, weight, bias, eps, activa
 
 # torch.fx.symbolic_trace (and feature extractors built on it) keep this call as one node
 torch.fx.wrap("_layer_group_norm")
+
+
+def _check_eps_activation(eps, activation) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 < eps < math.inf):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}; the usual value is 1e-5")
+    if activation not in (None, "none", "relu", "silu", "gelu"):
+        raise ValueError(f"activation must be None, 'relu', 'silu' or 'gelu', got {activation!r}")
 
 
 class GroupNorm(nn.GroupNorm):
@@ -69,10 +76,7 @@ class GroupNorm(nn.GroupNorm):
         if num_channels is None:
             raise TypeError("GroupNorm needs num_channels, e.g. GroupNorm(32, 256) or GroupNorm(num_channels=256, group_size=16)")
         groups = resolve_groups(num_channels, num_groups, group_size=group_size, policy=policy, min_group_size=min_group_size)
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 < eps < math.inf):
-            raise ValueError(f"eps must be a positive finite number, got {eps!r}; the usual value is 1e-5")
-        if activation not in (None, "none", "relu", "silu", "gelu"):
-            raise ValueError(f"activation must be None, 'relu', 'silu' or 'gelu', got {activation!r}")
+        _check_eps_activation(eps, activation)
         super().__init__(groups, num_channels, float(eps), affine, device=device, dtype=dtype)
         self.requested_groups = num_groups
         self.group_size = group_size
@@ -101,14 +105,23 @@ class GroupNorm(nn.GroupNorm):
 
 
 _BATCHNORM_ONLY = ("momentum", "track_running_stats")
+_BATCHNORM_POSITIONAL = ("eps", "momentum", "affine", "track_running_stats")  # after num_features
 
 
-def group_norm_layer(num_channels: int, **kwargs) -> GroupNorm:
-    """Build ``GroupNorm(num_channels=..., **kwargs)``, ignoring BatchNorm-only arguments
-    (``momentum``, ``track_running_stats``) that BN-era model code passes to its norm layer."""
+def group_norm_layer(num_channels: int | None = None, *args, num_features: int | None = None, **kwargs) -> GroupNorm:
+    """Build ``GroupNorm(num_channels=..., **kwargs)`` the way BN-era model code calls its norm
+    layer: ``num_features=`` for the channel count, BatchNorm's positional order (eps, momentum,
+    affine, track_running_stats), and BatchNorm-only arguments (``momentum``,
+    ``track_running_stats``) ignored."""
+    if (num_channels is None) == (num_features is None):
+        raise TypeError("norm layer needs the channel count once, e.g. norm_layer(256) or norm_layer(num_features=256)")
+    if len(args) > len(_BATCHNORM_POSITIONAL):
+        raise TypeError(f"norm layer takes at most {len(_BATCHNORM_POSITIONAL) + 1} positional arguments "
+                        f"(num_features, {', '.join(_BATCHNORM_POSITIONAL)}), got {len(args) + 1}")
+    kwargs.update(zip(_BATCHNORM_POSITIONAL, args))
     for key in _BATCHNORM_ONLY:
         kwargs.pop(key, None)
-    return GroupNorm(num_channels=num_channels, **kwargs)
+    return GroupNorm(num_channels=num_channels if num_features is None else num_features, **kwargs)
 
 
 def norm_layer(
@@ -133,7 +146,12 @@ def norm_layer(
     if num_groups is None and group_size is None:
         num_groups = 32
     # validate the request now rather than at the first layer
-    resolve_groups(max(num_groups or 1, group_size or 1), num_groups, group_size=group_size, policy="gcd")
+    for name, value in (("num_groups", num_groups), ("group_size", group_size), ("min_group_size", min_group_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if policy not in POLICIES:
+        raise ValueError(f"unknown group policy {policy!r}; choose one of {', '.join(map(repr, POLICIES))}")
+    _check_eps_activation(eps, activation)
     kwargs = dict(eps=eps, affine=affine, activation=activation, policy=policy, min_group_size=min_group_size)
     kwargs["num_groups" if group_size is None else "group_size"] = num_groups if group_size is None else group_size
     return functools.partial(group_norm_layer, **kwargs)
@@ -155,8 +173,15 @@ class _StdConvMixin:
     """
 
     def _std_init(self, eps: float) -> None:
-        if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps!r}")
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 < eps < math.inf):
+            raise ValueError(f"eps must be a positive finite number, got {eps!r}; the usual value is 1e-6")
+        fan_in = (self.in_channels // self.groups) * math.prod(self.kernel_size)
+        if fan_in == 1:
+            raise ValueError(
+                f"{type(self).__name__}({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"groups={self.groups}) has one weight per output filter: standardized, it is always 0 and the "
+                f"layer outputs only its bias; use a plain nn.{type(self).__name__[3:]} for it"
+            )
         self.eps = float(eps)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

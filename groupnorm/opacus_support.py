@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules.dropout import _DropoutNd
 
 from groupnorm.functional import group_norm
 from groupnorm.layers import GroupNorm
@@ -35,6 +36,14 @@ def per_sample_grads(layer: GroupNorm, activations: list[Tensor], backprops: Ten
     N, C = x.shape[:2]
     xhat = group_norm(x, layer.num_groups, None, None, layer.eps)
     children = list(layer.children())
+    random = [c for c in children if isinstance(c, _DropoutNd) and c.training and c.p > 0]
+    if random:
+        raise RuntimeError(
+            f"per-sample gradients of {type(layer).__name__} need its children re-run, and its "
+            f"{type(random[0]).__name__}(p={random[0].p}) would draw a different mask than the forward pass did, "
+            "giving wrong per-sample gradients; set its rate to 0 (e.g. the BatchNorm's drop= argument) "
+            "or replace it with nn.Identity before making the model private"
+        )
     if layer.activation is None and not children:
         dpre = backprops
     else:  # differentiate the activation and the children at this layer's pre-activation output

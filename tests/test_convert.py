@@ -322,7 +322,9 @@ def test_batch_independence_on_1d_3d_and_tuple_inputs():
     report = check_batch_independence(mlp, torch.randn(3, 12))
     assert not report.ok and report.offenders == ["1", "4"]  # found by re-running each on its own inputs
     assert report["1"].offender and report["4"].offender
-    assert check_batch_independence(convert_batchnorm(mlp), torch.randn(3, 12)).ok
+    with pytest.warns(UserWarning, match="as wide as a Linear layer's output"):  # (N, C) features, 2 per group
+        mlp = convert_batchnorm(mlp)
+    assert check_batch_independence(mlp, torch.randn(3, 12)).ok
 
     net = conv3d_net()
     assert not check_batch_independence(net, torch.randn(2, 1, 6, 6, 6)).ok
@@ -404,3 +406,96 @@ def test_opacus_per_sample_grads_equal_single_sample_grads(layer):
         torch.testing.assert_close(grads[layer.weight][i], layer.weight.grad, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(grads[layer.bias][i], layer.bias.grad, atol=1e-5, rtol=1e-4)
     assert math.isfinite(float(grads[layer.weight].sum()))
+
+
+# ============================================================================ found by the session-6 review
+def test_a_module_registered_twice_under_one_parent_is_converted_in_every_slot():
+    bn = nn.BatchNorm2d(8)
+    conv = nn.Conv2d(8, 8, 1)
+    model = convert_batchnorm(nn.Sequential(conv, bn, nn.ReLU(), conv, bn), weight_standardization=True)
+    assert [type(m).__name__ for m in model] == ["StdConv2d", "GroupNorm", "ReLU", "StdConv2d", "GroupNorm"]
+    assert model[0] is model[3] and model[1] is model[4]  # still shared, now as the new layers
+    shared = convert_batchnorm(nn.ModuleList([nn.BatchNorm2d(8)] * 3))
+    assert all(type(m) is GroupNorm for m in shared) and shared[0] is shared[2]
+
+
+def test_weight_norm_and_parametrized_layers_are_refused_before_any_change():
+    from torch.nn.utils import parametrize
+
+    model = nn.Sequential(nn.BatchNorm2d(8), torch.nn.utils.weight_norm(nn.Conv2d(8, 8, 3)), nn.BatchNorm2d(8))
+    with pytest.raises(ValueError, match=r"Conv2d at '1' .*remove_weight_norm"):
+        convert_batchnorm(model, weight_standardization=True)
+    assert [type(m) for m in model] == [nn.BatchNorm2d, nn.Conv2d, nn.BatchNorm2d]  # nothing half-converted
+    assert type(convert_batchnorm(model)[0]) is GroupNorm  # without WS the conv is not touched
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    bn = nn.BatchNorm2d(8)
+    parametrize.register_parametrization(bn, "weight", Double())
+    model = nn.Sequential(nn.BatchNorm2d(8), bn)
+    with pytest.raises(ValueError, match=r"at '1' has parametrized tensors \(weight\).*remove_parametrizations"):
+        convert_batchnorm(model)
+    assert type(model[0]) is nn.BatchNorm2d
+
+
+def test_weight_standardization_leaves_one_weight_filters_plain_and_says_so():
+    model = nn.Sequential(nn.Conv1d(1, 8, 1), nn.BatchNorm1d(8), nn.Conv1d(8, 8, 3))
+    with pytest.warns(UserWarning, match=r"skipped 1 convolution\(s\) with one weight per filter \('0'\)"):
+        convert_batchnorm(model, num_groups=4, weight_standardization=True)
+    assert type(model[0]) is nn.Conv1d and type(model[2]) is StdConv1d
+    with pytest.raises(ValueError, match="one weight per output filter"):
+        StdConv2d(4, 4, 1, groups=4)  # depthwise 1x1: standardized, every weight would be 0
+
+
+def test_batchnorm1d_with_few_channels_per_group_warns_about_feature_inputs():
+    with pytest.warns(UserWarning, match=r"BatchNorm1d layer\(s\) '1' \(64 channels, 2 per group\).*group_size=C"):
+        convert_batchnorm(nn.Sequential(nn.Linear(16, 64), nn.BatchNorm1d(64)))
+    head = nn.Sequential(nn.Linear(16, 64), nn.BatchNorm1d(64))
+    convert_batchnorm(head, group_size=64)  # the fix the warning gives: one group, no warning
+    assert head[1].num_groups == 1
+
+
+def test_batch_independence_leaves_the_callers_batch_alone():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return self.conv(x.sub_(0.5).mul_(2))
+
+    x = torch.randn(4, 3, 8, 8)
+    before = x.clone()
+    report = check_batch_independence(InPlace(), x)
+    assert report.ok, str(report)
+    assert torch.equal(x, before)
+
+
+def test_batch_independence_skips_outputs_whose_dim0_is_not_the_batch():
+    class SeqFirst(nn.Module):  # an RNN fed (L, N, H); with L == N its dim 0 looks like the batch
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(8, 8)
+
+        def forward(self, x):
+            return self.rnn(x.transpose(0, 1))[0].transpose(0, 1)
+
+    assert check_batch_independence(SeqFirst(), torch.randn(4, 4, 8)).ok
+    bn_after = nn.Sequential(SeqFirst(), nn.Flatten(), nn.BatchNorm1d(32))
+    assert not check_batch_independence(bn_after, torch.randn(4, 4, 8)).ok  # real coupling is still found
+
+
+def test_opacus_refuses_a_dropout_child_it_would_resample():
+    pytest.importorskip("opacus")
+    from groupnorm.opacus_support import per_sample_grads
+
+    layer = convert_batchnorm(BatchNormAct2d(8, act_layer=lambda inplace: nn.LeakyReLU(0.1, inplace),
+                                             drop_layer=lambda: nn.Dropout(0.5)), 4)
+    assert type(layer) is GroupNormAct and isinstance(layer.drop, nn.Dropout)
+    x = torch.randn(3, 8, 5, 5)
+    with pytest.raises(RuntimeError, match=r"Dropout\(p=0.5\) would draw a different mask"):
+        per_sample_grads(layer, [x], torch.randn(3, 8, 5, 5))
+    layer.eval()  # no mask in eval: allowed
+    assert per_sample_grads(layer, [x], torch.randn(3, 8, 5, 5))[layer.weight].shape == (3, 8)

@@ -154,3 +154,25 @@ def test_stdconv_keeps_conv_state_dict_keys():
     w_hat = (w - mean) / torch.sqrt(var + 1e-6)
     x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
     torch.testing.assert_close(std.double()(x), F.conv2d(x, w_hat, conv.bias.double()))
+
+
+def test_norm_layer_checks_its_request_up_front_and_takes_batchnorm_call_forms():
+    for kwargs, match in [(dict(policy="bad"), "unknown group policy"), (dict(activation="swish"), "activation"),
+                          (dict(eps=0), "eps"), (dict(num_groups=0), "num_groups must be a positive int"),
+                          (dict(group_size=2, min_group_size=0), "min_group_size")]:
+        with pytest.raises(ValueError, match=match):
+            norm_layer(**kwargs)
+    make = norm_layer(32)
+    assert make(num_features=64).num_channels == 64  # BatchNorm's keyword
+    layer = make(64, 1e-3, 0.1, True, True)  # BatchNorm's positional order: eps, momentum, affine, track_running_stats
+    assert layer.eps == 1e-3 and layer.affine
+    with pytest.raises(ValueError, match="policy='divisor'"):
+        make(24)  # fewer channels than groups: the message names the policy that would take it
+    with pytest.raises(TypeError, match="channel count once"):
+        make()
+
+
+def test_stdconv_rejects_eps_that_is_not_a_positive_finite_number():
+    for bad in (0.0, -1e-6, float("inf"), float("nan"), True, "1e-5"):
+        with pytest.raises(ValueError, match="positive finite"):
+            groupnorm.StdConv2d(4, 4, 3, eps=bad)
