@@ -13,6 +13,7 @@ import numbers
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _fwad
 from torch import Tensor
 
 from groupnorm import backends
@@ -72,6 +73,8 @@ def _forward_op(
     activation: str,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
+    # checked again here: a torch.jit.trace graph calls this op on inputs group_norm() never saw
+    check_inputs(x, num_groups, weight, bias, eps, activation)
     y, stats, _ = _forward_impl(x, weight, bias, num_groups, eps, activation, backend)
     return y, stats
 
@@ -281,10 +284,14 @@ def group_norm(
     name = backend or ""  # "" : resolved when the op runs (use_backend context, env var, auto)
     if name and name != "auto" and name not in backends.names():  # no import here: this line is traced
         backends.get(name)  # raises the error that lists the valid names
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _tracing_state() is not None:
+        # torch.compile, and torch.jit.trace: the graph records the registered op (checked on every
+        # call, loadable wherever groupnorm is imported), not the fast lane's unchecked one
         y, _ = _forward_op(input, weight, bias, num_groups, float(eps), act, name)
         return y
-    if _functorch_active():  # vmap / grad / jvp (per-sample gradients): PyTorch ops they can transform
+    if _functorch_active() or _fwad._current_level >= 0:
+        # vmap / grad / jvp (per-sample gradients) and forward-mode AD (torch.autograd.forward_ad):
+        # PyTorch ops they can transform (the kernels would drop tangents)
         from groupnorm.backends.composite import BACKEND as composite
 
         return composite.forward(_dense_input(input), weight, bias, num_groups, float(eps), act)[0]
@@ -337,7 +344,8 @@ def _front_allowed(lane) -> bool:
     if _is_compiling() or _tracing_state() is not None:  # torch.jit.trace: the tracer cannot
         return False  # record an op that returns Tensor? (the fast lane's own op traces)
     cpu = lane.cpu
-    return lane.enabled and cpu is not None and cpu.split_mode == "auto" and not _functorch_active() and not backends.forced()
+    return (lane.enabled and cpu is not None and cpu.split_mode == "auto" and not _functorch_active()
+            and _fwad._current_level < 0 and not backends.forced())
 
 
 def _functorch_active() -> bool:

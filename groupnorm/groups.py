@@ -13,6 +13,7 @@ every group has at least that many channels.
 from __future__ import annotations
 
 import math
+import numbers
 
 POLICIES = ("strict", "divisor", "gcd")
 
@@ -24,9 +25,9 @@ def divisors(n: int) -> list[int]:
 
 
 def _check_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy integers are fine
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    return value
+    return int(value)
 
 
 def resolve_groups(

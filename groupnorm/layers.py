@@ -49,6 +49,7 @@ class GroupNorm(nn.GroupNorm):
         num_channels: number of channels C of the input (N, C, *).
         eps: added to the variance inside the square root.
         affine: learn a per-channel scale ``weight`` (init 1) and shift ``bias`` (init 0).
+        bias: with ``affine``, False learns the scale only (as torch's keyword-only ``bias``).
         group_size: channels per group instead of ``num_groups`` (the paper's Table 3 ablation).
         activation: None, "relu", "silu" or "gelu", fused after the affine.
         policy: what to do when C is not divisible: "strict" (error), "divisor", "gcd"
@@ -68,6 +69,7 @@ class GroupNorm(nn.GroupNorm):
         device=None,
         dtype=None,
         *,
+        bias: bool = True,
         group_size: int | None = None,
         activation: str | None = None,
         policy: str = "strict",
@@ -76,8 +78,11 @@ class GroupNorm(nn.GroupNorm):
         if num_channels is None:
             raise TypeError("GroupNorm needs num_channels, e.g. GroupNorm(32, 256) or GroupNorm(num_channels=256, group_size=16)")
         groups = resolve_groups(num_channels, num_groups, group_size=group_size, policy=policy, min_group_size=min_group_size)
+        num_channels = int(num_channels)  # numpy integers, checked by resolve_groups
         _check_eps_activation(eps, activation)
         super().__init__(groups, num_channels, float(eps), affine, device=device, dtype=dtype)
+        if affine and not bias:  # torch's keyword-only bias=False (also on torch versions without it)
+            self.register_parameter("bias", None)
         self.requested_groups = num_groups
         self.group_size = group_size
         self.policy = policy
@@ -92,7 +97,7 @@ class GroupNorm(nn.GroupNorm):
         )
 
     def extra_repr(self) -> str:
-        s = f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+        s = f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, bias={self.bias is not None}"
         if self.group_size is not None:
             s += f", group_size={self.group_size}"
             if self.num_channels // self.num_groups != self.group_size:

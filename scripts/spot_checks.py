@@ -22,6 +22,11 @@ Session 4 additions:
     python scripts/spot_checks.py neighbour-bias 8 2048 7 7   # one call timed in a rotated vs a shuffled order
     python scripts/spot_checks.py geomeans DIR [DIR ...]      # torch/ours geomeans per pass from bench.json files
     python scripts/spot_checks.py openmp-runtimes             # which OpenMP libraries the process holds
+
+Session 6 additions:
+
+    python scripts/spot_checks.py engine-cost   # autograd.grad of x * 2 vs both GroupNorms' backward, tiny input
+    python scripts/spot_checks.py cl-blocks     # channels-last forward: per sample vs per L2-sized channel block
     python scripts/spot_checks.py forward-floor        # our forward kernel vs a copy, 32x256x56x56, in-process
     python scripts/spot_checks.py nt-store             # plain vs non-temporal stores over 98 MiB
     python scripts/spot_checks.py train-profile        # norm + ReLU vs convolution time in the bench's channels-last ResNet step
@@ -422,11 +427,92 @@ def train_profile() -> None:
         print(f"{name}: per step {total:.1f} ms, norm + every ReLU {norm_ms:.1f} ms, convolutions {conv_ms:.1f} ms")
 
 
+def engine_cost(threads: int, rounds: int) -> None:
+    """What one backward call costs before any kernel runs: torch.autograd.grad through a plain
+    multiplication, against torch.nn.GroupNorm's and groupnorm.GroupNorm's backward, tiny input."""
+    torch.set_num_threads(threads)
+    numba.set_num_threads(threads)
+    shape = (2, 32, 4, 4)
+    dy = torch.randn(shape)
+    x = torch.randn(shape, requires_grad=True)
+    cases = {"x * 2": (x * 2, (x,))}
+    for name, layer in (("torch.nn.GroupNorm", torch.nn.GroupNorm(8, 32)), ("groupnorm.GroupNorm", groupnorm.GroupNorm(8, 32))):
+        cases[name] = (layer(x), (x, layer.weight, layer.bias))
+
+    def grad(y, inputs):
+        return lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True)
+
+    t = time_interleaved({k: grad(*v) for k, v in cases.items()}, rounds)
+    print(f"{shape}, {threads} thread(s), backward via torch.autograd.grad, medians of {rounds} rounds: "
+          + ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in t.items()))
+
+
+def cl_blocks(threads: int, rounds: int) -> None:
+    """Channels-last forward (per-channel sums over S, then normalize), one item per sample as in
+    cpu._forward_cl, against items of one sample's channel block sized to stay in L2 (so that the
+    second pass would read from L2, as the contiguous kernel's groups do). Simplified kernels:
+    no shift, no affine, the memory traffic of the real ones."""
+    numba.set_num_threads(threads)
+
+    @numba.njit(error_model="numpy")
+    def sums(x, s1, s2, xo, c0, cb, S, C):
+        a1 = np.empty(cb, x.dtype)
+        a2 = np.empty(cb, x.dtype)
+        for r0 in range(0, S, 64):
+            a1[:] = 0
+            a2[:] = 0
+            for s in range(r0, min(r0 + 64, S)):
+                xr = x[xo + s * C + c0:xo + s * C + c0 + cb]
+                for c in range(cb):
+                    a1[c] += xr[c]
+                    a2[c] += xr[c] * xr[c]
+            for c in range(cb):
+                s1[c] += np.float64(a1[c])
+                s2[c] += np.float64(a2[c])
+
+    @numba.njit(error_model="numpy")
+    def normalize(x, y, m, a, xo, c0, cb, S, C):
+        for s in range(S):
+            xr = x[xo + s * C + c0:xo + s * C + c0 + cb]
+            yr = y[xo + s * C + c0:xo + s * C + c0 + cb]
+            for c in range(cb):
+                yr[c] = (xr[c] - m[c]) * a[c]
+
+    @numba.njit(parallel=True, error_model="numpy")
+    def forward(x, y, N, C, S, cb):
+        nb = (C + cb - 1) // cb
+        for it0 in numba.prange(N * nb):
+            it = np.int64(it0)
+            n = it // nb
+            c0 = (it - n * nb) * cb
+            w = min(cb, C - c0)
+            s1 = np.zeros(w)
+            s2 = np.zeros(w)
+            sums(x, s1, s2, n * S * C, c0, w, S, C)
+            m = np.empty(w, x.dtype)
+            a = np.empty(w, x.dtype)
+            for c in range(w):
+                mu = s1[c] / S
+                m[c] = mu
+                a[c] = 1.0 / np.sqrt(max(s2[c] / S - mu * mu, 0.0) + 1e-5)
+            normalize(x, y, m, a, n * S * C, c0, w, S, C)
+
+    for N, C, S in [(32, 256, 3136), (8, 256, 3136), (8, 256, 4096), (32, 512, 784)]:
+        x = np.random.default_rng(0).standard_normal(N * S * C).astype(np.float32)
+        y = np.empty_like(x)
+        widths = [C] + [cb for cb in (16, 32, 64) if cb < C]
+        t = time_interleaved({cb: (lambda cb=cb: forward(x, y, N, C, S, cb)) for cb in widths}, rounds)
+        t["np.copyto"] = time_interleaved({0: lambda: np.copyto(y, x)}, rounds)[0]
+        print(f"N={N} C={C} S={S}, {threads} thread(s), ms: " + ", ".join(
+            f"{'whole sample' if k == C else k if isinstance(k, str) else f'{k} channels ({k * S * 4 // 1024} KiB)'} {v * 1e3:.2f}"
+            for k, v in t.items()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["silu", "large-mean", "paths", "kernel-ab", "activation-error", "forward-floor",
                                     "nt-store", "train-profile", "stats-accuracy", "neighbour-bias",
-                                    "geomeans", "openmp-runtimes"])
+                                    "geomeans", "openmp-runtimes", "engine-cost", "cl-blocks"])
     p.add_argument("args", nargs="*", help="paths, neighbour-bias: a shape (default 32 1024 14 14, 8 2048 7 7); kernel-ab: fwd|bwd then shapes like 8x2048x7x7; geomeans: bench --out folders")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
@@ -448,6 +534,10 @@ def main() -> None:
         geomeans(a.args)
     elif a.what == "openmp-runtimes":
         openmp_runtimes()
+    elif a.what == "engine-cost":
+        engine_cost(a.threads, a.rounds)
+    elif a.what == "cl-blocks":
+        cl_blocks(a.threads, a.rounds)
     elif a.what == "neighbour-bias":
         neighbour_bias(tuple(int(v) for v in a.args) if a.args else (8, 2048, 7, 7), a.threads, max(a.rounds, 31))
     elif a.what == "forward-floor":

@@ -280,3 +280,30 @@ def test_per_sample_gradients_with_torch_func():
     got, exp = per_sample(ours), per_sample(theirs)
     for k in exp:
         torch.testing.assert_close(got[k], exp[k], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lane", [True, False])
+def test_forward_mode_ad_gives_torchs_tangent(lane, monkeypatch):
+    """torch.autograd.forward_ad: found in review, the kernels dropped the tangent silently (Python
+    path) or raised (C++ node); dual tensors now go through the composite ops."""
+    import torch.autograd.forward_ad as fwAD
+
+    import groupnorm
+    from groupnorm.backends import native
+
+    monkeypatch.setattr(native, "enabled", lane)
+    torch.manual_seed(27)
+    x, t = torch.randn(2, 8, 5, dtype=torch.float64), torch.randn(2, 8, 5, dtype=torch.float64)
+    layer = groupnorm.GroupNorm(4, 8, activation="silu").double()
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    with fwAD.dual_level():
+        d = fwAD.make_dual(x, t)
+        ours = fwAD.unpack_dual(layer(d)).tangent
+        ref = fwAD.unpack_dual(F.silu(F.group_norm(d, 4, layer.weight, layer.bias))).tangent
+        plain = fwAD.unpack_dual(groupnorm.group_norm(d, 4)).tangent
+        plain_ref = fwAD.unpack_dual(F.group_norm(d, 4)).tangent
+    assert ours is not None and plain is not None
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(plain, plain_ref)

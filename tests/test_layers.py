@@ -176,3 +176,18 @@ def test_stdconv_rejects_eps_that_is_not_a_positive_finite_number():
     for bad in (0.0, -1e-6, float("inf"), float("nan"), True, "1e-5"):
         with pytest.raises(ValueError, match="positive finite"):
             groupnorm.StdConv2d(4, 4, 3, eps=bad)
+
+
+def test_bias_false_and_numpy_integers_like_torch():
+    import numpy as np
+
+    layer = GroupNorm(4, 8, bias=False)  # torch's keyword-only bias
+    assert layer.bias is None and layer.weight is not None and "bias=False" in repr(layer)
+    layer.load_state_dict(torch.nn.GroupNorm(4, 8, bias=False).state_dict())
+    x = torch.randn(2, 8, 5, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None
+    assert norm_layer(4)(8, bias=False).bias is None
+    assert repr(GroupNorm(4, 8)) == repr(torch.nn.GroupNorm(4, 8))
+    m = GroupNorm(np.int64(4), np.int64(8))
+    assert (m.num_groups, m.num_channels) == (4, 8) and type(m.num_channels) is int

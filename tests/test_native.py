@@ -355,8 +355,8 @@ def test_use_backend_in_another_thread_forces_only_that_thread():
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_jit_trace_of_a_model_with_groupnorm(monkeypatch):
-    """torch.jit.trace cannot record an op returning Tensor?: while tracing, the C++ front steps aside
-    (the fast lane's own op, or the Python path, is what gets recorded)."""
+    """While tracing, group_norm records the registered op groupnorm::forward (not the C++ front, not
+    the fast lane's op, which checks nothing: traced graphs get inputs group_norm() never saw)."""
     _front_ready()
     torch.manual_seed(25)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), groupnorm.GroupNorm(4, 8, activation="silu"))
@@ -393,3 +393,87 @@ def test_without_a_compiler_the_python_path_runs_and_status_says_why(tmp_path):
     cmd = subprocess.run([sys.executable, "-m", "groupnorm.backends.native"], env=env, capture_output=True, text=True,
                          timeout=300)
     assert cmd.returncode != 0 and "install g++" in cmd.stderr, cmd.stderr[-2000:]
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_a_traced_layer_checks_new_inputs_and_loads_in_a_fresh_process(tmp_path):
+    """Found in review: the traced graph used to hold the fast lane's unchecked op, so an empty or
+    wrong-sized input crashed the process (SIGFPE/SIGSEGV) or read out of bounds, and a saved
+    trace did not load in a new process."""
+    torch.manual_seed(26)
+    layer = groupnorm.GroupNorm(4, 8, activation="silu")
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    traced = torch.jit.trace(layer, torch.randn(2, 8, 3))
+    assert "groupnorm::forward" in str(traced.graph) and "groupnorm_native" not in str(traced.graph)
+    for x in (torch.randn(5, 8, 7), torch.randn(3, 8, 4, 4).double().float(), torch.randn(0, 8, 3), torch.randn(2, 8, 0)):
+        ref = torch.nn.functional.silu(torch.nn.functional.group_norm(x, 4, layer.weight, layer.bias))
+        torch.testing.assert_close(traced(x), ref)
+    for bad, match in [(torch.randn(2, 16, 3), r"weight must have shape \(16,\)"),
+                       (torch.randn(2, 2, 3), "num_groups must be in"),
+                       (torch.ones(2, 8, 3, dtype=torch.int32), "supports float16")]:
+        with pytest.raises(RuntimeError, match=match):
+            traced(bad)
+    x = torch.randn(4, 8, 5, requires_grad=True)
+    traced(x).sum().backward()
+    layer.zero_grad()
+    x2 = x.detach().requires_grad_()
+    layer(x2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    path = tmp_path / "traced.pt"
+    traced.save(str(path))
+    code = (
+        "import torch, groupnorm\n"
+        f"m = torch.jit.load({str(path)!r})\n"
+        "x = torch.randn(3, 8, 6, dtype=torch.float64)\n"
+        "ref = torch.nn.functional.silu(torch.nn.functional.group_norm(x, 4, m.weight.double(), m.bias.double()))\n"
+        "torch.testing.assert_close(m.double()(x), ref)\n"
+        "print('LOADED')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "LOADED" in done.stdout, done.stderr[-2000:]
+
+
+def test_a_forked_child_runs_after_the_parent_used_the_kernels():
+    """numba's OpenMP layer terminates a forked process that uses its pool ("fork() called from a
+    process already using GNU OpenMP"): DataLoader workers that apply a GroupNorm died. The child
+    now turns the numba backend off and runs the composite one."""
+    code = (
+        "import torch, groupnorm\n"
+        "from torch.utils.data import DataLoader, Dataset\n"
+        "norm = groupnorm.GroupNorm(4, 8)\n"
+        "x = torch.randn(2, 8, 16, 16)\n"
+        "with torch.no_grad():\n"
+        "    y = norm(x)\n"
+        "assert groupnorm.last_backend() == 'numba'\n"
+        "class D(Dataset):\n"
+        "    def __len__(self): return 3\n"
+        "    def __getitem__(self, i):\n"
+        "        with torch.no_grad():\n"
+        "            return norm(x[:1]), groupnorm.last_backend(), groupnorm.available_backends()['numba']\n"
+        "out = list(DataLoader(D(), num_workers=1, batch_size=None, multiprocessing_context='fork'))\n"
+        "for z, name, why in out:\n"
+        "    torch.testing.assert_close(z, y[:1])\n"
+        "    assert name == 'composite' and 'forked' in why, (name, why)\n"
+        "with torch.no_grad():\n"
+        "    norm(x)\n"
+        "assert groupnorm.last_backend() == 'numba'  # the parent keeps its kernels\n"
+        "print('FORK OK')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "FORK OK" in done.stdout, done.stderr[-2000:]
+
+
+def test_entry_points_are_compiled_into_numbas_cache():
+    """The C entry points link the kernels in (seconds per dtype); they must be cacheable (no ctypes
+    addresses inside) so that the next process loads them instead of compiling again. Their module
+    is named by a hash of cpu.py, so a changed kernel never meets a stale cached entry point."""
+    if os.environ.get(native.ENV_SWITCH, "").strip() == "0":
+        pytest.skip(f"{native.ENV_SWITCH}=0 turns the fast lane off")
+    group_norm(torch.randn(2, 4, 3), 2)
+    assert native.status() is None
+    path = native.entry_module_path(torch.float32)
+    assert path.exists()
+    index = {p.name.split(".")[1].split("-")[0] for p in (path.parent / "__pycache__").glob(f"{path.stem}.*.nbi")}
+    assert index == {"forward", "backward"}, index

@@ -161,6 +161,9 @@ def select(x, activation: str, name: str = ""):
     context, else $GROUPNORM_BACKEND, else "auto"."""
     if not name:
         name = requested() or env_backend() or "auto"
+        if name not in _MODULES and name != "auto" and name == env_backend():
+            raise ValueError(f"${ENV_VAR}={name!r} names no groupnorm backend; set it to one of auto, "
+                             f"{', '.join(_MODULES)}, or unset it")
     if name != "auto":
         backend = get(name)
         reason = backend.available()
