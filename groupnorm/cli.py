@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=help_text,
             description=(module.__doc__ or help_text).strip(),
             formatter_class=HelpFormatter,
+            allow_abbrev=False,  # --epoch for --epochs would slip past study --quick's override check
         )
         module.add_arguments(p)
         p.set_defaults(_module=module)

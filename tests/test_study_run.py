@@ -94,6 +94,47 @@ def test_resume_after_kill(tmp_path):
     assert not list(out.glob("runs/*/*/checkpoint.pt"))
 
 
+def _group_alive(pgid: int) -> list[str]:
+    return subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout.split()
+
+
+@pytest.mark.slow
+def test_parallel_study_stops_on_ctrl_c_and_dies_with_its_process(tmp_path):
+    """Found in review: with --jobs 2, Ctrl-C was taken by each pool worker as a failed run (the study
+    went on training every queued run), and kill -9 of the study left its workers training, so a
+    rerun took the lock and trained the same runs beside them."""
+    data = make_idx_folder(tmp_path / "data", n_train=400, n_val=20)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+    for how in ("ctrl-c", "kill -9"):
+        out = tmp_path / how.replace(" ", "")
+        args = tiny_args(data, out, "--epochs", "6", "--seeds", "2").copy()
+        args[args.index("--jobs") + 1] = "2"
+        proc = subprocess.Popen([sys.executable, "-m", "groupnorm.study.cli", *args], env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.time() + 180
+            while time.time() < deadline and not list(out.glob("runs/*/*/checkpoint.pt")):
+                time.sleep(0.1)
+            assert proc.poll() is None, "the study finished before the signal"
+            t0 = time.time()
+            if how == "ctrl-c":  # what a terminal sends: SIGINT to the whole process group
+                os.killpg(proc.pid, signal.SIGINT)
+                assert proc.wait(timeout=60) == 130
+                assert time.time() - t0 < 30
+                assert "interrupted; run the same command to resume" in proc.stderr.read()
+            else:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=30)
+            deadline = time.time() + 30
+            while time.time() < deadline and _group_alive(proc.pid):
+                time.sleep(0.2)
+            assert not _group_alive(proc.pid), f"{how}: processes left behind"
+            assert len(list(out.glob("runs/*/*/done.json"))) < 8  # it really stopped early
+        finally:
+            for pid in _group_alive(proc.pid):
+                os.kill(int(pid), signal.SIGKILL)
+
+
 def test_lock_refuses_a_second_study(tmp_path, capsys):
     with FolderLock(tmp_path):
         with pytest.raises(StudyLocked, match=f"another study is writing to {tmp_path}.*pid {os.getpid()}"):
@@ -136,3 +177,40 @@ def test_help_shows_defaults():
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0
     assert "--batch-sizes" in proc.stdout and "(default: 32,16,8,4,2,1)" in proc.stdout.replace("\n", " ").replace("  ", " ")
+
+
+def test_bad_numbers_and_settings_are_clear_errors_before_any_work(tmp_path, capsys):
+    data = make_idx_folder(tmp_path / "data", n_train=64, n_val=20)
+    for flag, value in [("--width", "0"), ("--groups", "0"), ("--min-group-channels", "0"), ("--threads", "-1"),
+                        ("--train-size", "-5"), ("--lr", "0"), ("--lr", "nan"), ("--final-epochs", "0"),
+                        ("--jobs", "-1"), ("--blocks", "0"), ("--val-size", "-1")]:
+        with pytest.raises(SystemExit) as e:
+            cli.run(tiny_args(data, tmp_path / "o", flag, value))
+        assert e.value.code == 2
+        assert f"argument {flag}: expected" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # no abbreviations: --quick must see every flag it should not override
+        cli.run(["--quick", "--epoch", "1", "--out", str(tmp_path / "o")])
+    assert "unrecognized arguments: --epoch" in capsys.readouterr().err
+    # class-sorted workers need N images of one class per worker batch: 20 per class cannot make N = 32
+    assert cli.run(tiny_args(data, tmp_path / "o", "--worker-sampling", "class", "--batch-sizes", "32")) == 2
+    assert "do not fill one global step" in capsys.readouterr().err
+
+
+def test_changed_data_files_are_a_new_recipe(tmp_path, capsys):
+    """Found in review: the recipe held --data as typed, so new files under the same path reused the
+    old results (and the table described data it was not trained on)."""
+    from groupnorm.study import runner
+    from groupnorm.study.runner import recipe_hash
+    from groupnorm.study.train import Recipe
+
+    assert recipe_hash(Recipe(data="fashion-mnist")) == recipe_hash(Recipe(data="fashion-mnist", data_fingerprint=""))
+    out = tmp_path / "out"
+    args = ["--norms", "gn", "--batch-sizes", "2", "--epochs", "1", "--seeds", "1"]
+    data = make_idx_folder(tmp_path / "data", n_train=64, n_val=20)
+    assert cli.run(tiny_args(data, out, *args)) == 0
+    first = {r["config"] for r in read_records(out)}
+    make_idx_folder(tmp_path / "data", n_train=80, n_val=20)  # the same path, other files
+    runner._DATA_CACHE.clear()  # a new process would read the files again; this one keeps them in memory
+    assert cli.run(tiny_args(data, out, *args)) == 0
+    assert len({r["config"] for r in read_records(out)} - first) == 1
+    assert str(data.resolve()) in (out / "summary.md").read_text()

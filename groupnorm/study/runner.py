@@ -17,16 +17,19 @@ of every record's key, so studies with different recipes never mix, even in one 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import multiprocessing as mp
 import os
+import signal
 import shutil
 import socket
 import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing.managers import SyncManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -277,18 +280,50 @@ class Study:
         threads = threads or max(1, cpu_count() // jobs)
         os.environ["NUMBA_NUM_THREADS"] = str(threads)  # inherited by the spawned workers
         ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
-        with mp.Manager() as manager:
+        manager = SyncManager(ctx=ctx)
+        manager.start(_child_init, (os.getpid(),))
+        try:
             queue = manager.Queue()
             pump = threading.Thread(target=_pump, args=(queue, bars), daemon=True)
             pump.start()
+            pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_child_init,
+                                       initargs=(os.getpid(),))
             try:
-                with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-                    futures = [pool.submit(_job, self.recipe, run, str(self.out), queue, threads) for run in todo]
-                    for fut in as_completed(futures):
-                        fut.result()  # re-raise a failed run's exception here
+                futures = [pool.submit(_job, self.recipe, run, str(self.out), queue, threads) for run in todo]
+                for fut in as_completed(futures):
+                    fut.result()  # re-raise a failed run's exception here
+            except BaseException:
+                # Ctrl-C (the workers ignore it) or a failed run: stop now, not after every queued run
+                # has trained (the pool's own exit would wait for them); each run resumes from its last
+                # finished epoch
+                workers = list((getattr(pool, "_processes", None) or {}).values())
+                pool.shutdown(wait=False, cancel_futures=True)
+                for w in workers:
+                    w.terminate()
+                for w in workers:
+                    w.join(timeout=10)
+                raise
+            else:
+                pool.shutdown()
             finally:
                 queue.put(None)
                 pump.join(timeout=5)
+        finally:
+            manager.shutdown()
+
+
+def _child_init(parent: int) -> None:
+    """In the study's worker and manager processes: leave Ctrl-C to the study process (which stops
+    them), and die with it (a kill -9 of it must not leave them training, and a rerun would
+    otherwise take the lock and train the same runs beside them)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # pragma: no cover - no prctl: the old behaviour
+            pass
+    if os.getppid() != parent:  # the study process died before prctl took effect
+        os._exit(1)
 
 
 def _pump(queue, bars) -> None:

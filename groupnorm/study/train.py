@@ -55,9 +55,15 @@ class Recipe:
     final_epochs: int = 3  # reported error = median over these last epochs
     augment: str = "auto"  # auto | none | crop-flip
     probe_size: int = 256  # images in the BN-noise probe set
+    # for data from your files: resolved path, sizes and a content hash (cli._fingerprint), so that
+    # changed files are a new recipe; empty for the named data sets (and then left out of the hash)
+    data_fingerprint: str = ""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["data_fingerprint"]:
+            del d["data_fingerprint"]  # recipes of named data sets keep the hashes they always had
+        return d
 
 
 @dataclass(frozen=True)
