@@ -259,6 +259,10 @@ def main(args: argparse.Namespace) -> int:
     print(texts["verdict"])
     print(f"wall time {wall / 60:.1f} min; table {args.out}/summary.md, figure {args.out}/figure.png, "
           f"curves {args.out}/curves.png, records {args.out}/records.jsonl")
+    others = sorted(p.stem[len("recipe-"):] for p in args.out.glob("recipe-*.json") if p.stem != f"recipe-{study.hash}")
+    if others:
+        print(f"note: {args.out}/ also holds {len(others)} other recipe(s) ({', '.join(others)}); summary.md and "
+              f"the figures now show recipe {study.hash}, records.jsonl keeps every recipe's records")
     return 0
 
 

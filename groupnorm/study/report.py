@@ -139,7 +139,9 @@ def verdict(summary: dict, regime: str = "iid") -> str:
     gn = {b: summary[regime, "gn", b] for b in batches if (regime, "gn", b) in summary}
     if len(bn) >= 2:
         big, small = max(bn), min(bn)
-        parts.append(f"BN's error grows by {bn[small]['mean'] - bn[big]['mean']:+.2f} points from N={big} "
+        change = bn[small]["mean"] - bn[big]["mean"]
+        how = f"grows by {change:+.2f}" if change >= 0 else f"falls by {-change:.2f}"
+        parts.append(f"BN's error {how} points from N={big} "
                      f"({bn[big]['mean']:.2f}%) to N={small} ({bn[small]['mean']:.2f}%)")
         if 2 in bn and small != 2:
             parts[-1] += f", {bn[2]['mean'] - bn[big]['mean']:+.2f} at N=2"

@@ -263,7 +263,7 @@ class Study:
             torch.distributed.broadcast_object_list(box, src=0)
             todo = box[0]
         t0 = time.perf_counter()
-        bars = _Bars(self, todo, jobs, enabled=progress and d.is_main)
+        bars = _Bars(self, todo, jobs, enabled=progress and d.is_main, main=d.is_main)
         try:
             if d.distributed or jobs <= 1 or len(todo) <= 1:
                 set_threads(threads or max(1, cpu_count() // (d.world if d.distributed else 1)))
@@ -335,14 +335,18 @@ def _pump(queue, bars) -> None:
 
 
 class _Bars:
-    """One tqdm bar over the whole study (in epochs, with ETA) and one per running run (in steps)."""
+    """One tqdm bar over the whole study (in epochs, with ETA) and one per running run (in steps).
+    Without a terminal (a log file, nohup, CI) or with --no-progress: one line per finished run
+    instead (tqdm's redraws would fill a log with carriage returns)."""
 
-    def __init__(self, study: Study, todo: list[Run], jobs: int, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, study: Study, todo: list[Run], jobs: int, enabled: bool = True, main: bool = True):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.lines = main and not self.enabled
         self.lock = threading.Lock()
         self.per_run: dict[str, object] = {}
         self.slots = list(range(1, max(1, jobs) + 1))
-        if not enabled:
+        self.runs_total, self.runs_done, self.t0 = len(study.runs), len(study.runs) - len(todo), time.perf_counter()
+        if not self.enabled:
             return
         from tqdm.auto import tqdm
 
@@ -358,6 +362,12 @@ class _Bars:
 
     def update(self, msg: dict) -> None:
         if not self.enabled:
+            if self.lines and msg["event"] == "epoch" and msg["epoch"] == msg["epochs"]:
+                with self.lock:
+                    self.runs_done += 1
+                    print(f"[{self.runs_done}/{self.runs_total} runs, {(time.perf_counter() - self.t0) / 60:.1f} min] "
+                          f"{msg['run']} done: val error {msg['record']['val_error']:.1f}% at epoch {msg['epoch']}",
+                          file=sys.stderr, flush=True)
             return
         with self.lock:
             name = msg["run"]
