@@ -101,6 +101,9 @@ class GroupNormAct(GroupNorm):
     ``weight``/``bias`` stay top-level, so state_dict keys match the BatchNorm's affine keys.
     """
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        return self  # not GroupNorm's op-only stand-in: that would drop the children
+
     def forward(self, input: Tensor) -> Tensor:
         x = super().forward(input)
         for child in self.children():

@@ -191,3 +191,26 @@ def test_bias_false_and_numpy_integers_like_torch():
     assert repr(GroupNorm(4, 8)) == repr(torch.nn.GroupNorm(4, 8))
     m = GroupNorm(np.int64(4), np.int64(8))
     assert (m.num_groups, m.num_channels) == (4, 8) and type(m.num_channels) is int
+
+
+def test_torch_jit_script_runs_the_registered_op_and_loads_in_a_fresh_process(tmp_path):
+    """Found in review: torch.jit.script(GroupNorm) failed ("builtin cannot be used as a value"),
+    while torch.nn.GroupNorm scripts. Scripted, the layer calls groupnorm::forward."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(28)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), GroupNorm(4, 8, activation="silu"),
+                                GroupNorm(2, 8, affine=False))
+    scripted = torch.jit.script(model)
+    assert "groupnorm::forward" in scripted.code + "".join(str(m.graph) for m in scripted.children())
+    x = torch.randn(2, 3, 9, 9, requires_grad=True)
+    y, ref = scripted(x), model(x)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0])
+    path = tmp_path / "scripted.pt"
+    scripted.save(str(path))
+    code = (f"import torch, groupnorm\nm = torch.jit.load({str(path)!r})\n"
+            "assert m(torch.randn(1, 3, 9, 9)).shape == (1, 8, 7, 7)\nprint('LOADED')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "LOADED" in done.stdout, done.stderr[-2000:]
