@@ -27,6 +27,7 @@ Session 6 additions:
 
     python scripts/spot_checks.py engine-cost   # autograd.grad of x * 2 vs both GroupNorms' backward, tiny input
     python scripts/spot_checks.py cl-blocks     # channels-last forward: per sample vs per L2-sized channel block
+    python scripts/spot_checks.py startup       # three fresh processes: import, first float32 and float64 call
     python scripts/spot_checks.py forward-floor        # our forward kernel vs a copy, 32x256x56x56, in-process
     python scripts/spot_checks.py nt-store             # plain vs non-temporal stores over 98 MiB
     python scripts/spot_checks.py train-profile        # norm + ReLU vs convolution time in the bench's channels-last ResNet step
@@ -508,11 +509,30 @@ def cl_blocks(threads: int, rounds: int) -> None:
             for k, v in t.items()))
 
 
+def startup(runs: int) -> None:
+    """Fresh interpreters: import groupnorm, then its first float32 and first float64 call (what each
+    process, DDP rank or study job pays once). Run it from an older checkout with PYTHONPATH to compare."""
+    import subprocess
+    import sys
+
+    code = (
+        "import time; t = time.perf_counter()\n"
+        "import torch, groupnorm; t1 = time.perf_counter()\n"
+        "x = torch.randn(2, 8, 4, 4); groupnorm.group_norm(x, 4); t2 = time.perf_counter()\n"
+        "groupnorm.group_norm(x.double(), 4); t3 = time.perf_counter()\n"
+        "from groupnorm.backends import native\n"
+        "print(f'import {t1 - t:.2f} s, first float32 call {t2 - t1:.2f} s, first float64 call {t3 - t2:.2f} s, '"
+        "f'fast lane: {native.status() or \"on\"} ({groupnorm.__file__})')\n"
+    )
+    for _ in range(runs):
+        print(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["silu", "large-mean", "paths", "kernel-ab", "activation-error", "forward-floor",
                                     "nt-store", "train-profile", "stats-accuracy", "neighbour-bias",
-                                    "geomeans", "openmp-runtimes", "engine-cost", "cl-blocks"])
+                                    "geomeans", "openmp-runtimes", "engine-cost", "cl-blocks", "startup"])
     p.add_argument("args", nargs="*", help="paths, neighbour-bias: a shape (default 32 1024 14 14, 8 2048 7 7); kernel-ab: fwd|bwd then shapes like 8x2048x7x7; geomeans: bench --out folders")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
@@ -538,6 +558,8 @@ def main() -> None:
         engine_cost(a.threads, a.rounds)
     elif a.what == "cl-blocks":
         cl_blocks(a.threads, a.rounds)
+    elif a.what == "startup":
+        startup(3)
     elif a.what == "neighbour-bias":
         neighbour_bias(tuple(int(v) for v in a.args) if a.args else (8, 2048, 7, 7), a.threads, max(a.rounds, 31))
     elif a.what == "forward-floor":
