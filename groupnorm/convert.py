@@ -101,9 +101,6 @@ class GroupNormAct(GroupNorm):
     ``weight``/``bias`` stay top-level, so state_dict keys match the BatchNorm's affine keys.
     """
 
-    def __prepare_scriptable__(self) -> nn.Module:
-        return self  # not GroupNorm's op-only stand-in: that would drop the children
-
     def forward(self, input: Tensor) -> Tensor:
         x = super().forward(input)
         for child in self.children():
@@ -285,8 +282,7 @@ def convert_batchnorm(
             if isinstance(m, _BatchNorm) or (weight_standardization and isinstance(m, nn.modules.conv._ConvNd)):
                 raise _lazy_error(name, m)
             continue
-        if isinstance(m, _BatchNorm) or (weight_standardization and isinstance(m, tuple(_STD_CONVS))
-                                         and not isinstance(m, tuple(_STD_CONVS.values()))):
+        if isinstance(m, _BatchNorm) or (weight_standardization and type(m) in _STD_CONVS and _fan_in(m) > 1):
             _check_plain_weight(name, m, weight_standardization)
         if isinstance(m, _BatchNorm):
             C = m.num_features

@@ -29,6 +29,8 @@ def _layer_group_norm(input, num_channels, num_groups, weight, bias, eps, activa
     return group_norm(input, num_groups, weight, bias, eps, activation=activation)
 
 
+_is_scripting = torch.jit.is_scripting  # bound once: GroupNorm.forward asks it on every eager call
+
 # torch.fx.symbolic_trace (and feature extractors built on it) keep this call as one node
 torch.fx.wrap("_layer_group_norm")
 
@@ -88,11 +90,14 @@ class GroupNorm(nn.GroupNorm):
         self.policy = policy
         self.activation = None if activation == "none" else activation
 
-    def __prepare_scriptable__(self) -> nn.Module:
-        """torch.jit.script scripts this stand-in (same Parameters) that calls the registered op."""
-        return _ScriptedGroupNorm(self)
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if _is_scripting():  # torch.jit.script: the registered op (checked; loads wherever groupnorm is imported)
+            act = "none" if self.activation is None else self.activation
+            return torch.ops.groupnorm.forward(input, self.weight, self.bias, self.num_groups, self.eps, act, "")[0]
+        return self._eager_forward(input)
+
+    @torch.jit.unused
+    def _eager_forward(self, input: torch.Tensor) -> torch.Tensor:
         if type(input) is torch.Tensor and input.dim() >= 2 and input.shape[1] == self.num_channels:
             return group_norm(input, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation)
         # fx proxies (kept as one node), and the layer's own error for a wrong channel count
@@ -164,25 +169,6 @@ def norm_layer(
     kwargs = dict(eps=eps, affine=affine, activation=activation, policy=policy, min_group_size=min_group_size)
     kwargs["num_groups" if group_size is None else "group_size"] = num_groups if group_size is None else group_size
     return functools.partial(group_norm_layer, **kwargs)
-
-
-class _ScriptedGroupNorm(nn.Module):
-    """What ``torch.jit.script`` compiles for a :class:`GroupNorm` (via ``__prepare_scriptable__``):
-    the same Parameter objects, calling ``groupnorm::forward`` (which checks its inputs and is there
-    wherever ``groupnorm`` is imported, so a saved script loads there). The eager layer keeps its
-    own forward, with no scripting branch in it."""
-
-    __constants__ = ["num_groups", "num_channels", "eps", "activation"]
-
-    def __init__(self, layer: GroupNorm):
-        super().__init__()
-        self.num_groups, self.num_channels, self.eps = layer.num_groups, layer.num_channels, layer.eps
-        self.activation = layer.activation or "none"
-        self.weight, self.bias = layer.weight, layer.bias
-        self.train(layer.training)
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return torch.ops.groupnorm.forward(input, self.weight, self.bias, self.num_groups, self.eps, self.activation, "")[0]
 
 
 # ----------------------------------------------------------------------------- weight standardization

@@ -49,7 +49,10 @@ def per_sample_grads(layer: GroupNorm, activations: list[Tensor], backprops: Ten
     else:  # differentiate the activation and the children at this layer's pre-activation output
         with torch.enable_grad():
             shape = (1, C) + (1,) * (x.dim() - 2)
-            pre = (xhat * layer.weight.detach().view(shape) + layer.bias.detach().view(shape)).requires_grad_()
+            pre = xhat if layer.weight is None else xhat * layer.weight.detach().view(shape)
+            if layer.bias is not None:  # GroupNorm(..., bias=False): scale only
+                pre = pre + layer.bias.detach().view(shape)
+            pre = pre.detach().requires_grad_()
             out = _ACTIVATIONS[layer.activation](pre) if layer.activation else pre.clone()  # children may be in-place
             for child in children:
                 out = child(out)

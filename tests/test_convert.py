@@ -499,3 +499,20 @@ def test_opacus_refuses_a_dropout_child_it_would_resample():
         per_sample_grads(layer, [x], torch.randn(3, 8, 5, 5))
     layer.eval()  # no mask in eval: allowed
     assert per_sample_grads(layer, [x], torch.randn(3, 8, 5, 5))[layer.weight].shape == (3, 8)
+
+
+def test_opacus_per_sample_grads_without_a_bias():
+    pytest.importorskip("opacus")
+    from groupnorm.opacus_support import per_sample_grads
+
+    torch.manual_seed(29)
+    layer = GroupNorm(2, 4, activation="relu", bias=False)
+    with torch.no_grad():
+        layer.weight.normal_()
+    x, dy = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
+    grads = per_sample_grads(layer, [x], dy)
+    assert set(grads) == {layer.weight}
+    for i in range(3):
+        layer.zero_grad()
+        layer(x[i:i + 1]).backward(dy[i:i + 1])
+        torch.testing.assert_close(grads[layer.weight][i], layer.weight.grad, atol=1e-5, rtol=1e-4)

@@ -71,6 +71,8 @@ def _after_fork_in_child() -> None:
     parallel = sys.modules.get("numba.np.ufunc.parallel")
     if parallel is None or not getattr(parallel, "_is_initialized", False):
         return
+    if getattr(parallel, "_threading_layer", "omp") != "omp":  # tbb and workqueue survive fork()
+        return
     global enabled
     enabled = False
     backends._loaded["numba"] = backends._Unavailable("numba", FORKED)
@@ -298,9 +300,11 @@ def _entry_points(kdt: torch.dtype):
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
             tmp.write_text(text)
             os.replace(tmp, path)  # atomic: ranks of one job may write it at once
-    except OSError:  # a cache directory we cannot write: compile without numba's cache surviving us
-        path = Path(tempfile.mkdtemp(prefix="groupnorm_entry_")) / path.name
-        path.write_text(text)
+    except OSError:  # a cache directory we cannot write: one per user under the temporary directory
+        path = Path(tempfile.gettempdir()) / f"groupnorm-entry-{os.getuid()}" / path.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[path.stem] = module  # numba's cache refers to the module's intrinsics by module name
