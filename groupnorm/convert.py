@@ -30,7 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from groupnorm.groups import POLICIES, resolve_groups
+from groupnorm.groups import check_request, resolve_groups
 from groupnorm.layers import GroupNorm, StdConv1d, StdConv2d, StdConv3d
 
 logger = logging.getLogger(__name__)
@@ -109,19 +109,9 @@ class GroupNormAct(GroupNorm):
 
 
 def _check_request(num_groups, group_size, policy, min_group_size, eps) -> None:
-    if num_groups is not None and group_size is not None:
-        raise ValueError(
-            f"give num_groups or group_size, not both (got num_groups={num_groups!r}, group_size={group_size!r}); "
-            "e.g. convert_batchnorm(model, group_size=16) for 16 channels per group, "
-            "or convert_batchnorm(model, num_groups=32)"
-        )
-    if num_groups is None and group_size is None:
-        raise ValueError("give num_groups (e.g. 32, the paper's choice) or group_size (e.g. 16 channels per group)")
-    for name, value in (("num_groups", num_groups), ("group_size", group_size), ("min_group_size", min_group_size)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if policy not in POLICIES:
-        raise ValueError(f"unknown group policy {policy!r}; choose one of {', '.join(map(repr, POLICIES))}")
+    check_request(num_groups, group_size, policy, min_group_size,
+                  example="convert_batchnorm(model, group_size=16) for 16 channels per group, "
+                          "or convert_batchnorm(model, num_groups=32)")
     if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0):
         raise ValueError(f"eps must be a positive number or None (keep each BatchNorm's eps), got {eps!r}")
 

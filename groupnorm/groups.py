@@ -30,6 +30,23 @@ def _check_int(name: str, value) -> int:
     return int(value)
 
 
+def check_request(num_groups, group_size, policy: str, min_group_size, example: str = "") -> None:
+    """Check a per-layer request before any layer exists (convert_batchnorm, norm_layer): one of
+    num_groups / group_size, positive ints, a known policy. ``example`` is the call that shows the fix."""
+    if num_groups is not None and group_size is not None:
+        raise ValueError(
+            f"give num_groups or group_size, not both (got num_groups={num_groups!r}, group_size={group_size!r})"
+            + (f"; e.g. {example}" if example else "")
+        )
+    if num_groups is None and group_size is None:
+        raise ValueError("give num_groups (e.g. 32, the paper's choice) or group_size (e.g. 16 channels per group)")
+    for name, value in (("num_groups", num_groups), ("group_size", group_size), ("min_group_size", min_group_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if policy not in POLICIES:
+        raise ValueError(f"unknown group policy {policy!r}; choose one of {', '.join(map(repr, POLICIES))}")
+
+
 def resolve_groups(
     num_channels: int,
     num_groups: int | None = None,

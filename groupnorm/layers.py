@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from groupnorm.functional import group_norm
-from groupnorm.groups import POLICIES, resolve_groups
+from groupnorm.groups import check_request, resolve_groups
 
 
 def _layer_group_norm(input, num_channels, num_groups, weight, bias, eps, activation):
@@ -155,16 +155,10 @@ def norm_layer(
     arguments at call time (e.g. ``eps`` from timm) override the factory's. It is a
     ``functools.partial`` of a plain function, so timm's ``get_norm_layer`` accepts it and it pickles.
     """
-    if num_groups is not None and group_size is not None:
-        raise ValueError(f"give num_groups or group_size, not both (got {num_groups} and {group_size})")
     if num_groups is None and group_size is None:
         num_groups = 32
     # validate the request now rather than at the first layer
-    for name, value in (("num_groups", num_groups), ("group_size", group_size), ("min_group_size", min_group_size)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if policy not in POLICIES:
-        raise ValueError(f"unknown group policy {policy!r}; choose one of {', '.join(map(repr, POLICIES))}")
+    check_request(num_groups, group_size, policy, min_group_size, example="norm_layer(group_size=16) or norm_layer(32)")
     _check_eps_activation(eps, activation)
     kwargs = dict(eps=eps, affine=affine, activation=activation, policy=policy, min_group_size=min_group_size)
     kwargs["num_groups" if group_size is None else "group_size"] = num_groups if group_size is None else group_size

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -70,3 +72,11 @@ def assert_close(actual, expected, dtype, what="", scale=None):
             f"{what}: {int(bad.sum())}/{err.numel()} elements off; max abs err {float(err.max()):.3g} "
             f"(scale {scale:.3g}); first bad flat index {i}: got {float(act.flatten()[i])}, expected {float(exp.flatten()[i])}"
         )
+
+
+def run_fresh(code: str, marker: str, env: dict | None = None) -> str:
+    """Run ``code`` in a fresh Python process (no state shared with this one); fail with its stderr
+    unless it exits 0 and prints ``marker``. Returns its stdout."""
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and marker in done.stdout, done.stderr[-2000:]
+    return done.stdout

@@ -196,8 +196,7 @@ def test_bias_false_and_numpy_integers_like_torch():
 def test_torch_jit_script_runs_the_registered_op_and_loads_in_a_fresh_process(tmp_path):
     """Found in review: torch.jit.script(GroupNorm) failed ("builtin cannot be used as a value"),
     while torch.nn.GroupNorm scripts. Scripted, the layer calls groupnorm::forward."""
-    import subprocess
-    import sys
+    from helpers import run_fresh
 
     torch.manual_seed(28)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), GroupNorm(4, 8, activation="silu"),
@@ -214,5 +213,4 @@ def test_torch_jit_script_runs_the_registered_op_and_loads_in_a_fresh_process(tm
     scripted.save(str(path))
     code = (f"import torch, groupnorm\nm = torch.jit.load({str(path)!r})\n"
             "assert m(torch.randn(1, 3, 9, 9)).shape == (1, 8, 7, 7)\nprint('LOADED')\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "LOADED" in done.stdout, done.stderr[-2000:]
+    run_fresh(code, "LOADED")

@@ -20,7 +20,7 @@ pytest.importorskip("numba")
 import groupnorm  # noqa: E402
 from groupnorm import backends, functional, group_norm  # noqa: E402
 from groupnorm.backends import native  # noqa: E402
-from helpers import make_input  # noqa: E402
+from helpers import make_input, run_fresh  # noqa: E402
 
 ACTS = ("none", "relu", "silu", "gelu")
 
@@ -431,8 +431,7 @@ def test_a_traced_layer_checks_new_inputs_and_loads_in_a_fresh_process(tmp_path)
         "torch.testing.assert_close(m.double()(x), ref)\n"
         "print('LOADED')\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "LOADED" in done.stdout, done.stderr[-2000:]
+    run_fresh(code, "LOADED")
 
 
 def test_a_forked_child_runs_after_the_parent_used_the_kernels():
@@ -461,8 +460,7 @@ def test_a_forked_child_runs_after_the_parent_used_the_kernels():
         "assert groupnorm.last_backend() == 'numba'  # the parent keeps its kernels\n"
         "print('FORK OK')\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "FORK OK" in done.stdout, done.stderr[-2000:]
+    run_fresh(code, "FORK OK")
 
 
 def test_entry_points_are_compiled_into_numbas_cache():
