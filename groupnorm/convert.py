@@ -31,7 +31,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from groupnorm.groups import check_request, resolve_groups
-from groupnorm.layers import GroupNorm, StdConv1d, StdConv2d, StdConv3d
+from groupnorm.layers import GroupNorm, GroupNormAct, StdConv1d, StdConv2d, StdConv3d, fused_activation
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +46,6 @@ __all__ = [
     "batch_coupled_layers",
 ]
 
-# Activation modules that GroupNorm fuses (its ``activation=`` string), for timm-style norm+act layers;
-# nn.GELU too when exact (approximate="none").
-_FUSABLE_ACTIVATIONS: dict[type, str] = {nn.ReLU: "relu", nn.SiLU: "silu"}
 _STD_CONVS: dict[type, type] = {nn.Conv1d: StdConv1d, nn.Conv2d: StdConv2d, nn.Conv3d: StdConv3d}
 
 
@@ -92,22 +89,6 @@ class ConversionSummary(list):
         return "\n".join(lines)
 
 
-class GroupNormAct(GroupNorm):
-    """GroupNorm followed by the extra children of the BatchNorm subclass it replaced.
-
-    timm's ``BatchNormAct2d`` is a BatchNorm2d with ``drop`` and ``act`` children applied after
-    the normalization; when the activation is not one GroupNorm fuses (ReLU, SiLU), the
-    children are kept here and run in their registration order, like timm's ``GroupNormAct``.
-    ``weight``/``bias`` stay top-level, so state_dict keys match the BatchNorm's affine keys.
-    """
-
-    def forward(self, input: Tensor) -> Tensor:
-        x = super().forward(input)
-        for child in self.children():
-            x = child(x)
-        return x
-
-
 def _check_request(num_groups, group_size, policy, min_group_size, eps) -> None:
     check_request(num_groups, group_size, policy, min_group_size,
                   example="convert_batchnorm(model, group_size=16) for 16 channels per group, "
@@ -134,9 +115,7 @@ def _split_children(bn: _BatchNorm) -> tuple[str | None, dict[str, nn.Module]]:
     children = {n: c for n, c in bn.named_children() if not isinstance(c, nn.Identity)}
     if len(children) == 1:
         (child,) = children.values()
-        fused = _FUSABLE_ACTIVATIONS.get(type(child))
-        if type(child) is nn.GELU and child.approximate == "none":
-            fused = "gelu"
+        fused = fused_activation(child)
         if fused is not None:
             return fused, {}
     return None, children

@@ -38,6 +38,10 @@ torch.fx.wrap("_layer_group_norm")
 def _check_eps_activation(eps, activation) -> None:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 < eps < math.inf):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}; the usual value is 1e-5")
+    _check_activation(activation)
+
+
+def _check_activation(activation) -> None:
     if activation not in (None, "none", "relu", "silu", "gelu"):
         raise ValueError(f"activation must be None, 'relu', 'silu' or 'gelu', got {activation!r}")
 
@@ -118,15 +122,84 @@ class GroupNorm(nn.GroupNorm):
         return s
 
 
+class GroupNormAct(GroupNorm):
+    """GroupNorm followed by child modules (run in registration order), for what GroupNorm does not
+    fuse: timm's norm+act layers with a ``drop`` (dropout/DropBlock) before the activation, or an
+    activation other than ReLU, SiLU and exact GELU. ``weight``/``bias`` stay top-level, so
+    state_dict keys match a BatchNorm's or GroupNorm's affine keys.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x = super().forward(input)
+        for child in self.children():
+            x = child(x)
+        return x
+
+
+def fused_activation(module: nn.Module) -> str | None:
+    """The ``activation=`` string GroupNorm fuses in place of ``module``, or None if it cannot."""
+    if type(module) is nn.GELU:
+        return "gelu" if module.approximate == "none" else None
+    return {nn.ReLU: "relu", nn.SiLU: "silu"}.get(type(module))
+
+
+_ACTIVATION_MODULES = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
+_ACTIVATION_NAMES = {"relu": "relu", "silu": "silu", "swish": "silu", "gelu": "gelu"}  # timm's string names
+
 _BATCHNORM_ONLY = ("momentum", "track_running_stats")
 _BATCHNORM_POSITIONAL = ("eps", "momentum", "affine", "track_running_stats")  # after num_features
 
 
-def group_norm_layer(num_channels: int | None = None, *args, num_features: int | None = None, **kwargs) -> GroupNorm:
-    """Build ``GroupNorm(num_channels=..., **kwargs)`` the way BN-era model code calls its norm
-    layer: ``num_features=`` for the channel count, BatchNorm's positional order (eps, momentum,
-    affine, track_running_stats), and BatchNorm-only arguments (``momentum``,
-    ``track_running_stats``) ignored."""
+class _Unset:
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET = _Unset()
+
+
+def _timm_activation(act_layer, act_kwargs: dict) -> nn.Module:
+    """An activation module from timm's ``act_layer`` (a class, partial, function or name)."""
+    if isinstance(act_layer, str):
+        name = _ACTIVATION_NAMES.get(act_layer.replace("_", "").lower())
+        if name is None:
+            raise ValueError(
+                f"act_layer={act_layer!r}: as a string only {sorted(_ACTIVATION_NAMES)} are known here; "
+                f"pass the module class instead, e.g. act_layer=timm.layers.get_act_layer({act_layer!r})"
+            )
+        act_layer = _ACTIVATION_MODULES[name]
+    if not callable(act_layer):
+        raise TypeError(f"act_layer must be an activation class, a callable building one, or a name, got {act_layer!r}")
+    module = act_layer(**act_kwargs)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"act_layer={act_layer!r} built {type(module).__name__}, not an nn.Module")
+    return module
+
+
+def group_norm_layer(
+    num_channels: int | None = None,
+    *args,
+    num_features: int | None = None,
+    apply_act: bool | None = None,
+    act_layer=None,
+    act_kwargs: dict | None = None,
+    drop_layer=None,
+    inplace: bool | None = None,
+    **kwargs,
+) -> GroupNorm:
+    """Build ``GroupNorm(num_channels=..., **kwargs)`` the way model code calls its norm layer.
+
+    - BatchNorm call forms: ``num_features=`` for the channel count, BatchNorm's positional order
+      (eps, momentum, affine, track_running_stats), BatchNorm-only arguments (``momentum``,
+      ``track_running_stats``) ignored.
+    - timm's norm+act call forms (``ConvNormAct``, ResNetV2/BiT, CSPNet, RegNet, ...):
+      ``apply_act=False`` gives no activation; ``act_layer`` (+ ``act_kwargs``) names it; a
+      ``drop_layer`` runs between the norm and the activation (a :class:`GroupNormAct`). ReLU, SiLU
+      and exact GELU are fused, any other activation is kept as a child module; ``inplace`` is ignored.
+      timm passes ``act_layer`` only to its own classes, so a factory used as a timm norm+act layer
+      must say its activation: ``norm_layer(32, activation="relu")`` (``"none"`` for none); called
+      with ``apply_act=True`` without it, this raises instead of silently dropping the activation.
+    """
     if (num_channels is None) == (num_features is None):
         raise TypeError("norm layer needs the channel count once, e.g. norm_layer(256) or norm_layer(num_features=256)")
     if len(args) > len(_BATCHNORM_POSITIONAL):
@@ -135,7 +208,49 @@ def group_norm_layer(num_channels: int | None = None, *args, num_features: int |
     kwargs.update(zip(_BATCHNORM_POSITIONAL, args))
     for key in _BATCHNORM_ONLY:
         kwargs.pop(key, None)
-    return GroupNorm(num_channels=num_channels if num_features is None else num_features, **kwargs)
+    channels = num_channels if num_features is None else num_features
+    activation = kwargs.pop("activation", _UNSET)
+    if activation is not _UNSET:
+        _check_activation(activation)
+        activation = None if activation == "none" else activation
+    act_module = None
+    if apply_act is False:
+        activation = None
+    elif act_layer is not None:
+        act_module = _timm_activation(act_layer, dict(act_kwargs or {}))
+        fused = fused_activation(act_module)
+        if activation is not _UNSET and activation != fused:
+            raise ValueError(
+                f"the factory says activation={activation!r} but the model asks for act_layer={act_layer!r}; "
+                "leave the factory's activation unset to follow the model"
+            )
+        if fused is not None and drop_layer is None:
+            activation, act_module = fused, None
+        else:
+            activation = None
+    elif activation is _UNSET:
+        if apply_act:
+            raise TypeError(
+                f"norm layer for {channels} channels was called as timm's norm+act layer (apply_act=True) without "
+                "an activation: timm passes act_layer only to its own classes, so this layer cannot know the model's "
+                "activation. Say it in the factory, e.g. groupnorm.norm_layer(32, activation='relu') "
+                "('silu' for SiLU/Swish models, 'gelu', or 'none' for no activation), or for another "
+                "activation groupnorm.norm_layer(32, act_layer=nn.LeakyReLU)"
+            )
+        activation = None
+    elif act_kwargs and set(act_kwargs) - {"inplace"}:
+        raise ValueError(f"act_kwargs={act_kwargs!r} cannot be applied to the fused activation {activation!r}")
+    if drop_layer is None and act_module is None:
+        return GroupNorm(num_channels=channels, activation=activation, **kwargs)
+    # timm's order: norm, drop, act; an activation after a drop is not fused
+    if drop_layer is not None and activation is not None:
+        act_module, activation = _ACTIVATION_MODULES[activation](), None
+    layer = GroupNormAct(num_channels=channels, activation=activation, **kwargs)
+    if drop_layer is not None:
+        layer.add_module("drop", drop_layer())
+    if act_module is not None:
+        layer.add_module("act", act_module)
+    return layer
 
 
 def norm_layer(
@@ -144,7 +259,9 @@ def norm_layer(
     group_size: int | None = None,
     eps: float = 1e-5,
     affine: bool = True,
-    activation: str | None = None,
+    activation=_UNSET,
+    act_layer=None,
+    act_kwargs: dict | None = None,
     policy: str = "strict",
     min_group_size: int = 1,
 ) -> functools.partial:
@@ -153,14 +270,31 @@ def norm_layer(
     ``norm_layer(32)(256)`` builds ``GroupNorm(32, 256)``; ``norm_layer(group_size=16)`` gives 16
     channels per group in every layer; with neither, G = 32 (the paper's default). Keyword
     arguments at call time (e.g. ``eps`` from timm) override the factory's. It is a
-    ``functools.partial`` of a plain function, so timm's ``get_norm_layer`` accepts it and it pickles.
+    ``functools.partial`` of a plain function, so timm's ``get_norm_layer`` and
+    ``get_norm_act_layer`` accept it and it pickles.
+
+    ``activation`` ("relu", "silu", "gelu" fused after the norm, or "none"): leave it unset for
+    plain norm layers. Where timm wants a norm+act layer (``get_norm_act_layer``: ConvNormAct,
+    ResNetV2/BiT, CSPNet, RegNet, ...) set it to the model's activation; timm's ``apply_act=False``
+    calls then get none (see :func:`group_norm_layer`). For an activation GroupNorm does not fuse,
+    give ``act_layer`` (and ``act_kwargs``) instead, e.g. ``act_layer=nn.LeakyReLU``: it runs as a
+    child module after the norm.
     """
     if num_groups is None and group_size is None:
         num_groups = 32
     # validate the request now rather than at the first layer
     check_request(num_groups, group_size, policy, min_group_size, example="norm_layer(group_size=16) or norm_layer(32)")
-    _check_eps_activation(eps, activation)
-    kwargs = dict(eps=eps, affine=affine, activation=activation, policy=policy, min_group_size=min_group_size)
+    _check_eps_activation(eps, None if activation is _UNSET else activation)
+    kwargs = dict(eps=eps, affine=affine, policy=policy, min_group_size=min_group_size)
+    if activation is not _UNSET:
+        kwargs["activation"] = activation
+    if act_layer is not None:
+        if activation is not _UNSET:
+            raise TypeError("give activation= (fused: 'relu', 'silu', 'gelu') or act_layer= (any module), not both")
+        # bound into act_layer: timm's ConvNormAct calls with act_kwargs=None, which would replace them
+        kwargs["act_layer"] = functools.partial(act_layer, **act_kwargs) if act_kwargs else act_layer
+    elif act_kwargs is not None:
+        raise TypeError("act_kwargs needs act_layer, e.g. norm_layer(32, act_layer=nn.LeakyReLU, act_kwargs={'negative_slope': 0.1})")
     kwargs["num_groups" if group_size is None else "group_size"] = num_groups if group_size is None else group_size
     return functools.partial(group_norm_layer, **kwargs)
 

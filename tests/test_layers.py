@@ -101,6 +101,62 @@ def test_factory_passes_timms_check_and_ignores_batchnorm_arguments():
     assert norm_layer()(64).num_groups == 32
 
 
+def test_factory_answers_timms_norm_act_calls():
+    """What timm's get_norm_act_layer / ConvNormAct / ResNetV2 do with a function-type norm layer:
+    unbind the partial, rebind its keywords, call it with apply_act (and act_kwargs, drop_layer),
+    never with act_layer (checked against timm 1.0.31's create_norm_act.py and conv_bn_act.py)."""
+    import functools
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 5, 5)
+    ref = F.group_norm(x, 4)
+
+    def timm_rebind(factory):
+        return functools.partial(factory.func, **factory.keywords)
+
+    relu = timm_rebind(norm_layer(4, activation="relu"))
+    assert relu(16).activation == "relu" and relu(16, apply_act=True, act_kwargs=None).activation == "relu"
+    assert relu(16, apply_act=False).activation is None  # ResNetV2's norm3 / ConvNormAct(apply_act=False)
+    torch.testing.assert_close(relu(16, apply_act=True)(x), F.relu(ref))
+    torch.testing.assert_close(relu(16, apply_act=False)(x), ref)
+
+    # no activation in the factory: timm's apply_act=True would silently lose the model's activation
+    plain = timm_rebind(norm_layer(4))
+    with pytest.raises(TypeError, match="activation='relu'"):
+        plain(16, apply_act=True, act_kwargs=None)
+    assert plain(16, apply_act=False).activation is None and plain(16).activation is None
+    assert timm_rebind(norm_layer(4, activation="none"))(16, apply_act=True).activation is None
+
+    # act_layer (timm's own create_norm_act_layer, or bound by the user): fused when GroupNorm can
+    assert plain(16, apply_act=True, act_layer=nn.SiLU).activation == "silu"
+    assert plain(16, act_layer="swish").activation == "silu"
+    with pytest.raises(ValueError, match="get_act_layer"):
+        plain(16, act_layer="hard_swish")
+    with pytest.raises(ValueError, match="leave the factory's activation unset"):
+        relu(16, act_layer=nn.SiLU)
+    leaky = timm_rebind(norm_layer(4, act_layer=nn.LeakyReLU, act_kwargs={"negative_slope": 0.2}))
+    layer = leaky(16, apply_act=True, act_kwargs=None)
+    assert type(layer).__name__ == "GroupNormAct" and layer.activation is None
+    torch.testing.assert_close(layer(x), F.leaky_relu(ref, 0.2))
+    assert type(leaky(16, apply_act=False)) is GroupNorm
+
+    # drop_layer runs between the norm and the activation, so the activation is not fused
+    dropped = relu(16, apply_act=True, drop_layer=functools.partial(nn.Dropout, 0.5))
+    assert [n for n, _ in dropped.named_children()] == ["drop", "act"] and dropped.activation is None
+    torch.testing.assert_close(dropped.eval()(x), F.relu(ref))
+    dropped.train()
+    torch.manual_seed(1)
+    y = dropped(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(y, F.relu(F.dropout(ref, 0.5)))
+    assert {k for k in dropped.state_dict()} == {"weight", "bias"}
+
+    with pytest.raises(TypeError, match="not both"):
+        norm_layer(4, activation="relu", act_layer=nn.ReLU)
+    with pytest.raises(TypeError, match="act_kwargs needs act_layer"):
+        norm_layer(4, act_kwargs={"inplace": True})
+
+
 def test_positional_device_dtype_and_isinstance_like_torch():
     m = GroupNorm(4, 16, 1e-5, True, None, torch.float64)
     assert m.weight.dtype == torch.float64
