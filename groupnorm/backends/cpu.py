@@ -439,17 +439,18 @@ def _short_rows_sums_plain(dy, x, A, B, po, lo, rows, S, mh, k):
 
 
 @njit(**_SERIAL)
-def _nc_grad_sums(dy, x, gs, cf, A, B, po, n, c0, c1, s0, s1, C, S, act, k):
-    """A[po + j] = sum g, B[po + j] = sum g * (x - mh) over row c0 + j (positions s0..s1),
-    blocks of _BLOCK in the input dtype added up in float64."""
-    base = n * 6 * C
+def _nc_grad_sums(dy, x, gs, w, b, st, A, B, po, n, c0, c1, s0, s1, C, Cg, S, act, k):
+    """A[po + j] = sum g, B[po + j] = sum g * (x - mh) over row c0 + j (positions s0..s1) of one
+    group, blocks of _BLOCK in the input dtype added up in float64."""
+    grp = n * (C // Cg) + c0 // Cg
+    mh = st[3 * grp]
     if act == 0 and s0 == 0 and s1 == S and S <= _SHORT_ROW:
-        _short_rows_sums_plain(dy, x, A, B, po, (n * C + c0) * S, c1 - c0, S, cf[base + c0], k)
+        _short_rows_sums_plain(dy, x, A, B, po, (n * C + c0) * S, c1 - c0, S, mh, k)
         return
+    ml = np.float64(st[3 * grp + 1])
+    rstd = np.float64(st[3 * grp + 2])
     for c in range(c0, c1):
-        mh = cf[base + c]
-        a = cf[base + C + c]
-        b = cf[base + 2 * C + c]
+        a, bc = _channel_affine(x, w, b, c, ml, rstd)
         lo = (n * C + c) * S
         s = 0.0
         t = 0.0
@@ -457,7 +458,7 @@ def _nc_grad_sums(dy, x, gs, cf, A, B, po, n, c0, c1, s0, s1, C, S, act, k):
             if act == 0:
                 ds, dt = _row_sums_plain(dy, x, lo, e0, min(e0 + _BLOCK, s1), mh, k)
             else:
-                ds, dt = _row_grad_sums(dy, x, gs, lo, e0, min(e0 + _BLOCK, s1), mh, a, b, act, k)
+                ds, dt = _row_grad_sums(dy, x, gs, lo, e0, min(e0 + _BLOCK, s1), mh, a, bc, act, k)
             s += ds
             t += dt
         A[po + c - c0] = s
@@ -465,13 +466,16 @@ def _nc_grad_sums(dy, x, gs, cf, A, B, po, n, c0, c1, s0, s1, C, S, act, k):
 
 
 @njit(**_SERIAL)
-def _nc_normalize(x, y, cf, n, c0, c1, s0, s1, C, S, act, k):
-    """y = act((x - mh) * a + b) over rows c0..c1, positions s0..s1."""
-    base = n * 6 * C
+def _nc_normalize(x, y, w, bias, st, n, c0, c1, s0, s1, C, Cg, S, act, k):
+    """y = act((x - mh) * a + b) over rows c0..c1 of one group, positions s0..s1. The contiguous
+    kernels make a and b per channel here from the group's statistics (the values _affine_coefs
+    stores): a table of them, written then read back, cost 7x7-map kernels ~20% of their time."""
+    grp = n * (C // Cg) + c0 // Cg
+    mh = st[3 * grp]
+    ml = np.float64(st[3 * grp + 1])
+    rstd = np.float64(st[3 * grp + 2])
     for c in range(c0, c1):
-        mh = cf[base + c]
-        a = cf[base + C + c]
-        b = cf[base + 2 * C + c]
+        a, b = _channel_affine(x, w, bias, c, ml, rstd)
         lo = (n * C + c) * S
         if act == 0:
             for i in range(s0, s1):
@@ -493,35 +497,18 @@ def _nc_normalize(x, y, cf, n, c0, c1, s0, s1, C, S, act, k):
 
 
 @njit(**_SERIAL)
-def _short_rows_dx_plain(dy, x, dx, cf, n, c0, c1, C, S):
-    """_nc_dx without an activation over whole short rows of one group: mh, q and r are the
-    group's, read once."""
-    base = n * 6 * C
-    mh = cf[base + c0]
-    q = cf[base + _Q * C + c0]
-    r = cf[base + _R * C + c0]
+def _nc_dx(dy, x, dx, w, bias, st, q64, r64, n, c0, c1, s0, s1, C, Cg, S, act, k):
+    """dx = g * p + (x - mh) * q + r over rows c0..c1 of one group, positions s0..s1 (g read back
+    from dx for SiLU/GELU); q, r are the group's (_dx_scalars), p = rstd * w made per channel."""
+    grp = n * (C // Cg) + c0 // Cg
+    mh = st[3 * grp]
+    ml = np.float64(st[3 * grp + 1])
+    rstd = np.float64(st[3 * grp + 2])
+    q = _like(x, q64)
+    r = _like(x, r64)
     for c in range(c0, c1):
-        p = cf[base + _P * C + c]
-        lo = (n * C + c) * S
-        for i in range(S):
-            j = np.uint64(lo + i)
-            dx[j] = dy[j] * p + (x[j] - mh) * q + r
-
-
-@njit(**_SERIAL)
-def _nc_dx(dy, x, dx, cf, n, c0, c1, s0, s1, C, S, act, k):
-    """dx = g * p + (x - mh) * q + r over rows c0..c1 (g read back from dx for SiLU/GELU)."""
-    if act == 0 and s0 == 0 and s1 == S and S <= _SHORT_ROW:
-        _short_rows_dx_plain(dy, x, dx, cf, n, c0, c1, C, S)
-        return
-    base = n * 6 * C
-    for c in range(c0, c1):
-        mh = cf[base + c]
-        a = cf[base + C + c]
-        b = cf[base + 2 * C + c]
-        p = cf[base + 3 * C + c]
-        q = cf[base + 4 * C + c]
-        r = cf[base + 5 * C + c]
+        a, b = _channel_affine(x, w, bias, c, ml, rstd)
+        p = _like(x, rstd * np.float64(w[c]))
         lo = (n * C + c) * S
         if act == 0:
             for i in range(s0, s1):
@@ -563,26 +550,23 @@ def _affine_coefs(cf, st, n, g, C, Cg, w, b):
     rstd = np.float64(st[3 * grp + 2])
     base = n * 6 * C
     for c in range(g * Cg, (g + 1) * Cg):
-        a = rstd * np.float64(w[c])
         cf[base + _MH * C + c] = mh
-        cf[base + _A * C + c] = a
-        cf[base + _B * C + c] = np.float64(b[c]) - ml * a
+        cf[base + _A * C + c], cf[base + _B * C + c] = _channel_affine(cf, w, b, c, ml, rstd)
 
 
 @njit(**_SERIAL)
-def _mean_coefs(cf, st, n, g, C, Cg):
-    """cf[n, MH, c] only, for the channels of group g: all that the backward without an
-    activation reads of the affine coefficients (a and b recompute z for act' alone)."""
-    mh = st[3 * (n * (C // Cg) + g)]
-    base = n * 6 * C + _MH * C
-    for c in range(g * Cg, (g + 1) * Cg):
-        cf[base + c] = mh
+def _channel_affine(x, w, b, c, ml, rstd):
+    """(a, b') of channel c in x's dtype, for z = (x - mh) * a + b': a = rstd * w and
+    b' = b - ml * a with a in float64."""
+    a = rstd * np.float64(w[c])
+    return _like(x, a), _like(x, np.float64(b[c]) - ml * a)
 
 
 @njit(**_SERIAL)
-def _dx_coefs(cf, st, A, B, n, g, C, Cg, S, w):
+def _dx_scalars(st, A, B, n, g, C, Cg, S, w):
     """From per-channel sums A = sum g and T = sum g (x - mh) (held in B), finish
-    B = sum g * xhat and write cf[n, P/Q/R, c] for the channels of group g."""
+    B = sum g * xhat for the channels of group g; return its (q, r) in float64, for
+    dx = g * p + (x - mh) * q + r with p = rstd * w per channel."""
     grp = n * (C // Cg) + g
     ml = np.float64(st[3 * grp + 1])
     rstd = np.float64(st[3 * grp + 2])
@@ -597,8 +581,14 @@ def _dx_coefs(cf, st, A, B, n, g, C, Cg, S, w):
     M = Cg * S
     m1 /= M
     m2 /= M
-    q = -rstd * rstd * m2
-    r = rstd * (rstd * m2 * ml - m1)
+    return -rstd * rstd * m2, rstd * (rstd * m2 * ml - m1)
+
+
+@njit(**_SERIAL)
+def _dx_coefs(cf, st, A, B, n, g, C, Cg, S, w):
+    """_dx_scalars, then cf[n, P/Q/R, c] for the channels of group g (channels-last kernels)."""
+    q, r = _dx_scalars(st, A, B, n, g, C, Cg, S, w)
+    rstd = np.float64(st[3 * (n * (C // Cg) + g) + 2])
     base = n * 6 * C
     for c in range(g * Cg, (g + 1) * Cg):
         cf[base + _P * C + c] = rstd * np.float64(w[c])
@@ -628,7 +618,6 @@ def _forward_nc(x, y, w, b, st, N, C, S, G, eps, act, nch):
     Cg = C // G
     M = Cg * S
     off = _shift_offsets(Cg, S, S, 1) if M >= _F32_SUMS_FROM else np.empty(0, np.int64)
-    cf = np.empty(N * 6 * C, x.dtype)
     items = N * G if nch == 0 else N * C * nch
     if nch > 0:  # few groups (batch 1): made once here, each group's shift is the same in every chunk
         shifts = np.empty(N * G, x.dtype)
@@ -660,7 +649,6 @@ def _forward_nc(x, y, w, b, st, N, C, S, G, eps, act, nch):
                 shift64 = np.float64(_like(x, shift64 + s1 / M))
                 s1, s2 = _f64_shifted_sums(x[i * M:(i + 1) * M], shift64)
             _finish_stats(st, i, s1, s2, M, shift64, eps)
-            _affine_coefs(cf, st, n, g, C, Cg, w, b)
     for it0 in prange(items):
         it = np.int64(it0)  # prange indices are unsigned; one signature per helper
         if nch == 0:
@@ -673,7 +661,6 @@ def _forward_nc(x, y, w, b, st, N, C, S, G, eps, act, nch):
             else:  # the shift in x's dtype (a float64 would promote the sums)
                 s1, s2, shift64 = _nc_group_sums(x[lo:lo + M], _group_shift(x, lo, off), k)
             _finish_stats(st, it, s1, s2, M, shift64, eps)
-            _affine_coefs(cf, st, n, g, C, Cg, w, b)
             c0, c1, s0, s1_ = g * Cg, (g + 1) * Cg, 0, S
         else:
             row = it // nch
@@ -681,7 +668,7 @@ def _forward_nc(x, y, w, b, st, N, C, S, G, eps, act, nch):
             n = row // C
             c0 = row - n * C
             c1, s0, s1_ = c0 + 1, ch * S // nch, (ch + 1) * S // nch
-        _nc_normalize(x, y, cf, n, c0, c1, s0, s1_, C, S, act, k)
+        _nc_normalize(x, y, w, b, st, n, c0, c1, s0, s1_, C, Cg, S, act, k)
 
 
 @njit(**_PARALLEL)
@@ -690,13 +677,11 @@ def _backward_nc(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
     Same decomposition as the forward."""
     k = _consts(x)
     Cg = C // G
-    cf = np.empty(N * 6 * C, x.dtype)
     A = np.empty(N * C)
     B = np.empty(N * C)
+    qr = np.empty(2 * N * G if nch > 0 else 0)  # the chunked path's (q, r) per group
     items = N * G if nch == 0 else N * C * nch
     if nch > 0:
-        for i in range(N * G):
-            _affine_coefs(cf, st, i // G, i % G, C, Cg, w, b)
         partA = np.empty(items)
         partB = np.empty(items)
         for it0 in prange(items):
@@ -705,7 +690,7 @@ def _backward_nc(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
             ch = it - row * nch
             n = row // C
             c = row - n * C
-            _nc_grad_sums(dy, x, dx, cf, partA, partB, it, n, c, c + 1, ch * S // nch, (ch + 1) * S // nch, C, S, act, k)
+            _nc_grad_sums(dy, x, dx, w, b, st, partA, partB, it, n, c, c + 1, ch * S // nch, (ch + 1) * S // nch, C, Cg, S, act, k)
         for row in range(N * C):
             s = 0.0
             t = 0.0
@@ -715,18 +700,14 @@ def _backward_nc(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
             A[row] = s
             B[row] = t
         for i in range(N * G):
-            _dx_coefs(cf, st, A, B, i // G, i % G, C, Cg, S, w)
+            qr[2 * i], qr[2 * i + 1] = _dx_scalars(st, A, B, i // G, i % G, C, Cg, S, w)
     for it0 in prange(items):
         it = np.int64(it0)  # prange indices are unsigned; one signature per helper
         if nch == 0:
             n = it // G
             g = it - n * G
-            if act == 0:
-                _mean_coefs(cf, st, n, g, C, Cg)
-            else:
-                _affine_coefs(cf, st, n, g, C, Cg, w, b)
-            _nc_grad_sums(dy, x, dx, cf, A, B, n * C + g * Cg, n, g * Cg, (g + 1) * Cg, 0, S, C, S, act, k)
-            _dx_coefs(cf, st, A, B, n, g, C, Cg, S, w)
+            _nc_grad_sums(dy, x, dx, w, b, st, A, B, n * C + g * Cg, n, g * Cg, (g + 1) * Cg, 0, S, C, Cg, S, act, k)
+            q, r = _dx_scalars(st, A, B, n, g, C, Cg, S, w)
             c0, c1, s0, s1 = g * Cg, (g + 1) * Cg, 0, S
         else:
             row = it // nch
@@ -734,7 +715,9 @@ def _backward_nc(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
             n = row // C
             c0 = row - n * C
             c1, s0, s1 = c0 + 1, ch * S // nch, (ch + 1) * S // nch
-        _nc_dx(dy, x, dx, cf, n, c0, c1, s0, s1, C, S, act, k)
+            grp = n * G + c0 // Cg
+            q, r = qr[2 * grp], qr[2 * grp + 1]
+        _nc_dx(dy, x, dx, w, b, st, q, r, n, c0, c1, s0, s1, C, Cg, S, act, k)
     _reduce_params(A, B, dw, db, N, C)
 
 
