@@ -18,15 +18,20 @@ SUBCOMMANDS = {
 
 
 def output_dir_problem(path) -> str | None:
-    """Create the output folder ``path`` (a pathlib.Path) if needed; None when results can be
-    written there, else what is wrong, for a message given before any long work starts."""
-    if path.exists() and not path.is_dir():
-        return "it is a file, not a directory"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    return None if os.access(path, os.W_OK) else "not writable"
+    """None when results can be written to the output folder ``path`` (a pathlib.Path), whether
+    it exists or would be created, else what is wrong, for a message given before any long work
+    starts. It creates nothing: a command that stops at a later check (a wrong --data) leaves no
+    empty folder behind."""
+    if path.exists():
+        if not path.is_dir():
+            return "it is a file, not a directory"
+        return None if os.access(path, os.W_OK | os.X_OK) else "not writable"
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, not a directory"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"cannot create it: {parent} is not writable"
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -162,9 +162,10 @@ def test_stale_lock_is_taken_over(tmp_path):
 
 
 def test_bad_data_path_is_a_clear_error(tmp_path, capsys):
-    assert cli.run(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert cli.run(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o" / "new"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "missing: no such file or folder" in err and "expected one of" in err
+    assert not (tmp_path / "o").exists()  # a failed start leaves no empty --out folder behind
 
 
 def test_unwritable_out_is_a_clear_error_before_any_work(tmp_path, capsys):
