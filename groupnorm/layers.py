@@ -158,8 +158,9 @@ class _Unset:
 _UNSET = _Unset()
 
 
-def _timm_activation(act_layer, act_kwargs: dict) -> nn.Module:
-    """An activation module from timm's ``act_layer`` (a class, partial, function or name)."""
+def _resolve_act_layer(act_layer):
+    """timm's ``act_layer`` (a class, partial, function or one of the names GroupNorm fuses) as a
+    callable that builds the activation module."""
     if isinstance(act_layer, str):
         name = _ACTIVATION_NAMES.get(act_layer.replace("_", "").lower())
         if name is None:
@@ -167,10 +168,14 @@ def _timm_activation(act_layer, act_kwargs: dict) -> nn.Module:
                 f"act_layer={act_layer!r}: as a string only {sorted(_ACTIVATION_NAMES)} are known here; "
                 f"pass the module class instead, e.g. act_layer=timm.layers.get_act_layer({act_layer!r})"
             )
-        act_layer = _ACTIVATION_MODULES[name]
+        return _ACTIVATION_MODULES[name]
     if not callable(act_layer):
         raise TypeError(f"act_layer must be an activation class, a callable building one, or a name, got {act_layer!r}")
-    module = act_layer(**act_kwargs)
+    return act_layer
+
+
+def _timm_activation(act_layer, act_kwargs: dict) -> nn.Module:
+    module = _resolve_act_layer(act_layer)(**act_kwargs)
     if not isinstance(module, nn.Module):
         raise TypeError(f"act_layer={act_layer!r} built {type(module).__name__}, not an nn.Module")
     return module
@@ -182,9 +187,9 @@ def group_norm_layer(
     num_features: int | None = None,
     apply_act: bool | None = None,
     act_layer=None,
-    act_kwargs: dict | None = None,
-    drop_layer=None,
-    inplace: bool | None = None,
+    act_kwargs=_UNSET,
+    drop_layer=_UNSET,
+    inplace=_UNSET,
     **kwargs,
 ) -> GroupNorm:
     """Build ``GroupNorm(num_channels=..., **kwargs)`` the way model code calls its norm layer.
@@ -192,13 +197,15 @@ def group_norm_layer(
     - BatchNorm call forms: ``num_features=`` for the channel count, BatchNorm's positional order
       (eps, momentum, affine, track_running_stats), BatchNorm-only arguments (``momentum``,
       ``track_running_stats``) ignored.
-    - timm's norm+act call forms (``ConvNormAct``, ResNetV2/BiT, CSPNet, RegNet, ...):
-      ``apply_act=False`` gives no activation; ``act_layer`` (+ ``act_kwargs``) names it; a
-      ``drop_layer`` runs between the norm and the activation (a :class:`GroupNormAct`). ReLU, SiLU
-      and exact GELU are fused, any other activation is kept as a child module; ``inplace`` is ignored.
-      timm passes ``act_layer`` only to its own classes, so a factory used as a timm norm+act layer
-      must say its activation: ``norm_layer(32, activation="relu")`` (``"none"`` for none); called
-      with ``apply_act=True`` without it, this raises instead of silently dropping the activation.
+    - timm's norm+act call forms (``get_norm_act_layer`` users: ConvNormAct, EfficientNet/MobileNet
+      blocks, ResNetV2/BiT, CSPNet, RegNet, ...): ``apply_act=False`` gives no activation;
+      ``act_layer`` (+ ``act_kwargs``) names it; a ``drop_layer`` runs between the norm and the
+      activation (a :class:`GroupNormAct`). ReLU, SiLU and exact GELU are fused, any other activation
+      is kept as a child module; ``inplace`` is ignored. timm passes ``act_layer`` only to its own
+      classes, so a factory used as a timm norm+act layer must say its activation:
+      ``norm_layer(32, activation="relu")`` (``"none"`` for none). A call that can only come from a
+      norm+act caller (``apply_act=True``, or ``inplace``, ``act_kwargs`` or ``drop_layer`` given)
+      raises without it, instead of silently dropping the model's activation.
     """
     if (num_channels is None) == (num_features is None):
         raise TypeError("norm layer needs the channel count once, e.g. norm_layer(256) or norm_layer(num_features=256)")
@@ -209,6 +216,9 @@ def group_norm_layer(
     for key in _BATCHNORM_ONLY:
         kwargs.pop(key, None)
     channels = num_channels if num_features is None else num_features
+    norm_act_call = apply_act is not None or any(v is not _UNSET for v in (act_kwargs, drop_layer, inplace))
+    act_kwargs = {} if act_kwargs is _UNSET or act_kwargs is None else dict(act_kwargs)
+    drop_layer = None if drop_layer is _UNSET else drop_layer
     activation = kwargs.pop("activation", _UNSET)
     if activation is not _UNSET:
         _check_activation(activation)
@@ -217,7 +227,7 @@ def group_norm_layer(
     if apply_act is False:
         activation = None
     elif act_layer is not None:
-        act_module = _timm_activation(act_layer, dict(act_kwargs or {}))
+        act_module = _timm_activation(act_layer, act_kwargs)
         fused = fused_activation(act_module)
         if activation is not _UNSET and activation != fused:
             raise ValueError(
@@ -229,16 +239,18 @@ def group_norm_layer(
         else:
             activation = None
     elif activation is _UNSET:
-        if apply_act:
+        if norm_act_call:
             raise TypeError(
-                f"norm layer for {channels} channels was called as timm's norm+act layer (apply_act=True) without "
-                "an activation: timm passes act_layer only to its own classes, so this layer cannot know the model's "
-                "activation. Say it in the factory, e.g. groupnorm.norm_layer(32, activation='relu') "
-                "('silu' for SiLU/Swish models, 'gelu', or 'none' for no activation), or for another "
-                "activation groupnorm.norm_layer(32, act_layer=nn.LeakyReLU)"
+                f"norm layer for {channels} channels was called as timm's norm+act layer without an activation: "
+                "timm passes act_layer only to its own classes, so this layer cannot know the model's activation. "
+                "Say it in the factory, e.g. groupnorm.norm_layer(32, activation='relu') ('silu' for SiLU/Swish "
+                "models such as EfficientNet, 'gelu', or 'none' for no activation), or for another activation "
+                "groupnorm.norm_layer(32, act_layer=nn.LeakyReLU). A model that mixes activations (MobileNetV3) "
+                "cannot say which one per layer through timm's norm_layer: convert its BatchNorms instead "
+                "(groupnorm.convert_batchnorm keeps each layer's own activation)"
             )
         activation = None
-    elif act_kwargs and set(act_kwargs) - {"inplace"}:
+    elif activation is not None and set(act_kwargs) - {"inplace"}:
         raise ValueError(f"act_kwargs={act_kwargs!r} cannot be applied to the fused activation {activation!r}")
     if drop_layer is None and act_module is None:
         return GroupNorm(num_channels=channels, activation=activation, **kwargs)
@@ -259,7 +271,7 @@ def norm_layer(
     group_size: int | None = None,
     eps: float = 1e-5,
     affine: bool = True,
-    activation=_UNSET,
+    activation: str | None = _UNSET,  # type: ignore[assignment]
     act_layer=None,
     act_kwargs: dict | None = None,
     policy: str = "strict",
@@ -291,6 +303,7 @@ def norm_layer(
     if act_layer is not None:
         if activation is not _UNSET:
             raise TypeError("give activation= (fused: 'relu', 'silu', 'gelu') or act_layer= (any module), not both")
+        act_layer = _resolve_act_layer(act_layer)  # checked now, not at the first layer
         # bound into act_layer: timm's ConvNormAct calls with act_kwargs=None, which would replace them
         kwargs["act_layer"] = functools.partial(act_layer, **act_kwargs) if act_kwargs else act_layer
     elif act_kwargs is not None:

@@ -34,6 +34,7 @@ def main() -> int:
         ("regnetx_002", groupnorm.norm_layer(8, activation="relu"), functools.partial(GroupNormAct, num_groups=8)),
         ("cspresnet50", groupnorm.norm_layer(8, act_layer=torch.nn.LeakyReLU), functools.partial(GroupNormAct, num_groups=8)),
         ("vovnet39a", groupnorm.norm_layer(8, activation="relu"), functools.partial(GroupNormAct, num_groups=8)),
+        ("efficientnet_b0", groupnorm.norm_layer(8, activation="silu"), functools.partial(GroupNormAct, num_groups=8)),
     ]
     x = torch.randn(2, 3, 64, 64)
     for name, ours, theirs in cases:

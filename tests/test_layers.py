@@ -102,9 +102,10 @@ def test_factory_passes_timms_check_and_ignores_batchnorm_arguments():
 
 
 def test_factory_answers_timms_norm_act_calls():
-    """What timm's get_norm_act_layer / ConvNormAct / ResNetV2 do with a function-type norm layer:
-    unbind the partial, rebind its keywords, call it with apply_act (and act_kwargs, drop_layer),
-    never with act_layer (checked against timm 1.0.31's create_norm_act.py and conv_bn_act.py)."""
+    """What timm's get_norm_act_layer / ConvNormAct / EfficientNet blocks / ResNetV2 do with a
+    function-type norm layer: unbind the partial, rebind its keywords, call it with apply_act (and
+    act_kwargs, drop_layer) or with inplace=True alone, never with act_layer (checked against timm
+    1.0.31's create_norm_act.py, conv_bn_act.py and _efficientnet_blocks.py)."""
     import functools
 
     torch.manual_seed(0)
@@ -122,12 +123,21 @@ def test_factory_answers_timms_norm_act_calls():
 
     # no activation in the factory: timm's apply_act=True would silently lose the model's activation
     plain = timm_rebind(norm_layer(4))
-    with pytest.raises(TypeError, match="activation='relu'"):
-        plain(16, apply_act=True, act_kwargs=None)
+    for norm_act_call in (dict(apply_act=True, act_kwargs=None), dict(inplace=True), dict(act_kwargs=None),
+                          dict(drop_layer=None)):
+        with pytest.raises(TypeError, match="activation='relu'"):
+            plain(16, **norm_act_call)
     assert plain(16, apply_act=False).activation is None and plain(16).activation is None
-    assert timm_rebind(norm_layer(4, activation="none"))(16, apply_act=True).activation is None
+    none = timm_rebind(norm_layer(4, activation="none"))
+    assert none(16, apply_act=True, act_kwargs={"negative_slope": 0.1}).activation is None
+    silu = timm_rebind(norm_layer(4, activation="silu"))
+    assert silu(16, inplace=True).activation == "silu"  # EfficientNet's bn1/bn2
+    with pytest.raises(ValueError, match="cannot be applied to the fused activation"):
+        silu(16, apply_act=True, act_kwargs={"negative_slope": 0.1})
+    m = relu(16, apply_act=True, device="meta", dtype=torch.float64)
+    assert m.weight.device.type == "meta" and m.weight.dtype == torch.float64
 
-    # act_layer (timm's own create_norm_act_layer, or bound by the user): fused when GroupNorm can
+    # act_layer (bound by the user, or passed by a caller that names it): fused when GroupNorm can
     assert plain(16, apply_act=True, act_layer=nn.SiLU).activation == "silu"
     assert plain(16, act_layer="swish").activation == "silu"
     with pytest.raises(ValueError, match="get_act_layer"):
@@ -150,6 +160,14 @@ def test_factory_answers_timms_norm_act_calls():
     torch.manual_seed(1)
     torch.testing.assert_close(y, F.relu(F.dropout(ref, 0.5)))
     assert {k for k in dropped.state_dict()} == {"weight", "bias"}
+    no_act = relu(16, apply_act=False, drop_layer=nn.Dropout)
+    assert [n for n, _ in no_act.named_children()] == ["drop"] and no_act.activation is None
+
+    swish = timm_rebind(norm_layer(4, act_layer="swish", act_kwargs={"inplace": True}))
+    assert swish(16, apply_act=True, act_kwargs=None).activation == "silu"
+    for bad, error in (("hard_swish", ValueError), (42, TypeError)):  # checked when the factory is made
+        with pytest.raises(error, match="act_layer"):
+            norm_layer(4, act_layer=bad)
 
     with pytest.raises(TypeError, match="not both"):
         norm_layer(4, activation="relu", act_layer=nn.ReLU)
