@@ -34,7 +34,8 @@ Session 6 additions:
 
 kernel-ab: the contiguous numba kernels (fwd or bwd, float32, G = 32, no activation) of this checkout
 and of an older one (its cpu.py loaded under another module name), and ATen's, called directly,
-timed as `groupnorm bench` times (shuffled rounds, 12 of them); prints both ratios and whether old and new agree bitwise.
+timed as `groupnorm bench` times (shuffled rounds, 12 of them), every call allocating its outputs as ATen's
+does; prints both ratios and whether old and new agree bitwise.
 """
 
 from __future__ import annotations
@@ -151,11 +152,20 @@ def kernel_ab(old_root: str, which: str, shapes: list, threads: int) -> None:
         out = {}
 
         def mk(mod, key):
+            # outputs allocated on every call, as ATen's are (until session 7 ours reused one
+            # cache-warm buffer, which favoured them against ATen; old against new was fair)
             if which == "bwd":
-                dx, dw, db = np.empty_like(x), np.empty(C, np.float32), np.empty(C, np.float32)
-                return lambda: (mod._backward_nc(dy, x, dx, dw, db, w, b, st, N, C, S, G, 0, nch), out.__setitem__(key, (dx, dw, db)))
-            y, s2 = np.empty_like(x), np.empty_like(st)
-            return lambda: (mod._forward_nc(x, y, w, b, s2, N, C, S, G, 1e-5, 0, nch), out.__setitem__(key, (y, s2)))
+                def call():
+                    dx, dw, db = np.empty_like(x), np.empty(C, np.float32), np.empty(C, np.float32)
+                    mod._backward_nc(dy, x, dx, dw, db, w, b, st, N, C, S, G, 0, nch)
+                    out[key] = (dx, dw, db)
+                return call
+
+            def call():
+                y, s2 = np.empty_like(x), np.empty_like(st)
+                mod._forward_nc(x, y, w, b, s2, N, C, S, G, 1e-5, 0, nch)
+                out[key] = (y, s2)
+            return call
 
         cases = {"old": mk(old, "old"), "new": mk(cpu, "new")}
         if which == "bwd":
