@@ -78,3 +78,37 @@ def test_compile_dynamic_shapes():
     f = torch.compile(lambda t: groupnorm.group_norm(t, t.shape[1] // 4), dynamic=True, fullgraph=True)
     x = torch.randn(2, 8, 3)
     torch.testing.assert_close(f(x), torch.nn.functional.group_norm(x, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_torch_export_runs_saves_and_loads_in_a_fresh_process(tmp_path):
+    """torch.export (the PT2 deployment path) records groupnorm::forward, also with a dynamic batch and
+    a GroupNormAct's kept child; the saved program loads wherever groupnorm is imported."""
+    from helpers import run_fresh
+
+    from groupnorm.layers import GroupNormAct
+
+    torch.manual_seed(0)
+    tail = GroupNormAct(num_channels=16, num_groups=4)
+    tail.add_module("act", nn.Hardswish())
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), groupnorm.GroupNorm(4, 16, activation="silu"),
+                          nn.Conv2d(16, 16, 3, padding=1), tail).eval()
+    x = torch.randn(2, 3, 8, 8)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(model, (x,), dynamic_shapes={"input": {0: batch}})
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.groupnorm.forward.default) == 2
+    x5 = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x5)
+    torch.testing.assert_close(program.module()(x5), expected, rtol=0, atol=0)
+    path = tmp_path / "model.pt2"
+    torch.export.save(program, str(path))
+    torch.save({"x": x5, "y": expected}, tmp_path / "io.pt")
+    code = (
+        "import torch, groupnorm\n"
+        f"program = torch.export.load({str(path)!r})\n"
+        f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        "torch.testing.assert_close(program.module()(io['x']), io['y'], rtol=0, atol=0)\n"
+        "print('LOADED')\n"
+    )
+    run_fresh(code, "LOADED")
