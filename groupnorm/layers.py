@@ -95,10 +95,14 @@ class GroupNorm(nn.GroupNorm):
         self.activation = None if activation == "none" else activation
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if _is_scripting():  # torch.jit.script: the registered op (checked; loads wherever groupnorm is imported)
-            act = "none" if self.activation is None else self.activation
-            return torch.ops.groupnorm.forward(input, self.weight, self.bias, self.num_groups, self.eps, act, "")[0]
+        if _is_scripting():
+            return self._scripted_forward(input)
         return self._eager_forward(input)
+
+    def _scripted_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """torch.jit.script's forward: the registered op (checked; loads wherever groupnorm is imported)."""
+        act = "none" if self.activation is None else self.activation
+        return torch.ops.groupnorm.forward(input, self.weight, self.bias, self.num_groups, self.eps, act, "")[0]
 
     @torch.jit.unused
     def _eager_forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -130,7 +134,8 @@ class GroupNormAct(GroupNorm):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        x = super().forward(input)
+        # not super().forward(): TorchScript does not take super()
+        x = self._scripted_forward(input) if _is_scripting() else self._eager_forward(input)
         for child in self.children():
             x = child(x)
         return x

@@ -272,13 +272,16 @@ def test_torch_jit_script_runs_the_registered_op_and_loads_in_a_fresh_process(tm
     while torch.nn.GroupNorm scripts. Scripted, the layer calls groupnorm::forward."""
     from helpers import run_fresh
 
+    from groupnorm.layers import GroupNormAct
+
     torch.manual_seed(28)
+    kept = norm_layer(2, act_layer=nn.LeakyReLU, act_kwargs={"negative_slope": 0.2})(8)  # GroupNormAct
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), GroupNorm(4, 8, activation="silu"),
-                                GroupNorm(2, 8, affine=False))
+                                GroupNorm(2, 8, affine=False), kept)
     eager = copy.deepcopy(model)
     scripted = torch.jit.script(model)
-    assert "groupnorm::forward" in "".join(str(m.graph) for m in scripted.children())
-    assert [type(m) for m in model] == [torch.nn.Conv2d, GroupNorm, GroupNorm]  # the eager model is untouched
+    assert "groupnorm::forward" in "".join(str(m.inlined_graph) for m in scripted.children())
+    assert [type(m) for m in model] == [torch.nn.Conv2d, GroupNorm, GroupNorm, GroupNormAct]  # eager model untouched
     x = torch.randn(2, 3, 9, 9, requires_grad=True)
     y, ref = scripted(x), eager(x)
     torch.testing.assert_close(y, ref, rtol=0, atol=0)
