@@ -22,13 +22,18 @@ def output_dir_problem(path) -> str | None:
     it exists or would be created, else what is wrong, for a message given before any long work
     starts. It creates nothing: a command that stops at a later check (a wrong --data) leaves no
     empty folder behind."""
-    if path.exists():
-        if not path.is_dir():
-            return "it is a file, not a directory"
-        return None if os.access(path, os.W_OK | os.X_OK) else "not writable"
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
+    try:
+        if path.exists():
+            if not path.is_dir():
+                return "it is a file, not a directory"
+            return None if os.access(path, os.W_OK | os.X_OK) else "not writable"
+        parent = path.absolute()
+        while not parent.exists():
+            if os.path.lexists(parent):  # a link to nowhere: mkdir would fail on it later
+                return f"{parent} is a broken symbolic link"
+            parent = parent.parent
+    except OSError as exc:  # a link loop, an ancestor we may not search
+        return exc.strerror or str(exc)
     if not parent.is_dir():
         return f"{parent} is a file, not a directory"
     return None if os.access(parent, os.W_OK | os.X_OK) else f"cannot create it: {parent} is not writable"

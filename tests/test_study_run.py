@@ -171,7 +171,10 @@ def test_bad_data_path_is_a_clear_error(tmp_path, capsys):
 def test_unwritable_out_is_a_clear_error_before_any_work(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    for out, why in ((blocker, "it is a file, not a directory"), (blocker / "sub", "cannot write the study")):
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    for out, why in ((blocker, "it is a file, not a directory"), (blocker / "sub", "cannot write the study"),
+                     (dangling, "is a broken symbolic link"), (dangling / "sub", "is a broken symbolic link")):
         assert cli.run(["--quick", "--out", str(out), "--no-progress"]) == 2
         captured = capsys.readouterr()
         assert why in captured.err and "give a directory you can write to" in captured.err
