@@ -219,6 +219,32 @@ def test_float32_statistics_with_a_misleading_group_start(layout, mode):
     np.testing.assert_allclose(stats.double().numpy()[..., 2], rstd, rtol=2e-7)
 
 
+@pytest.mark.parametrize("shape", [(2, 16, 8, 8), (2, 64, 8, 8), (2, 64, 16, 16), (1, 24, 40, 40)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_huge_float32_values_normalize(shape, layout, mode):
+    """Finite float32 inputs of std 1e20-1e36: their squares overflow float32, so float32 sums
+    gave var = inf and an output equal to the bias (torch's CPU GroupNorm: NaN or ~1 off from std
+    1e18). Such groups are summed again in float64 terms. Contiguous groups under 1024 elements
+    (float64 terms already) and over (float32 blocks), channels-last, batch 1 (split reduction,
+    and the forced modes); an infinite input still gives NaN/inf in its own group only. The
+    backward is not covered: its q = -rstd^2 m2 leaves float32's range beyond std ~1e19."""
+    g = torch.Generator().manual_seed(13)
+    for std in (1e20, 1e36):
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * std).float()
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        y, stats = BACKEND.forward(x, None, None, 4, 1e-5, "none")
+        xhat, _, rstd = ref.normalize(x.double().numpy(), 4, 1e-5)
+        err = float(np.abs(y.double().numpy() - xhat).max())
+        assert err < 1e-6, f"normalized output {err:.3g} off float64 at std {std:g} ({shape}, {layout}, {mode})"
+        np.testing.assert_allclose(stats.double().numpy()[..., 2], rstd, rtol=1e-6)
+    x = x.clone()
+    x[0, 0].view(-1)[0] = float("inf")
+    y, _ = BACKEND.forward(x, None, None, 4, 1e-5, "none")
+    first = y[0, : shape[1] // 4]
+    assert not torch.isfinite(first).all() and torch.isfinite(y[0, shape[1] // 4:]).all() and torch.isfinite(y[1:]).all()
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("split", ["auto", "fused", "split"])
 def test_bitwise_repeatable(layout, split, monkeypatch):

@@ -334,9 +334,18 @@ def _shifted_sums(xs, shift, k):
 def _far_from_mean(s1, s2, M):
     """Sums around a shift more than one standard deviation from the mean: float32 sums around it
     lose (1 + m^2 / var) times their rounding to cancellation in var = E[d^2] - m^2 (zero padding
-    at a group's start, an atypical first channel), so the group is summed again nearer the mean."""
+    at a group's start, an atypical first channel), so the group is summed again nearer the mean.
+    Also true when the squares overflowed (float32 values beyond ~1e19: s2 infinite, s1 finite),
+    so that the group is summed again in float64 terms (infinite or NaN inputs leave s1 so)."""
+    if _overflowed(s1, s2):
+        return True
     m = s1 / M
     return m * m > s2 / M - m * m
+
+
+@njit(**_SERIAL)
+def _overflowed(s1, s2):
+    return math.isinf(s2) and math.isfinite(s1)
 
 
 @njit(**_SERIAL)
@@ -349,6 +358,8 @@ def _nc_group_sums(xs, shift, k):
     if _far_from_mean(s1, s2, M):
         shift = _like(xs, np.float64(shift) + s1 / M)
         s1, s2 = _shifted_sums(xs, shift, k)
+        if _overflowed(s1, s2):  # squares past the float32 range: float64 terms
+            s1, s2 = _f64_shifted_sums(xs, np.float64(shift))
     return s1, s2, np.float64(shift)
 
 
