@@ -336,7 +336,8 @@ def _far_from_mean(s1, s2, M):
     lose (1 + m^2 / var) times their rounding to cancellation in var = E[d^2] - m^2 (zero padding
     at a group's start, an atypical first channel), so the group is summed again nearer the mean.
     Also true when the squares overflowed (float32 values beyond ~1e19: s2 infinite, s1 finite),
-    so that the group is summed again in float64 terms (infinite or NaN inputs leave s1 so)."""
+    so that the group is summed again in float64 terms; an infinite or NaN input makes s1 infinite
+    or NaN too, and its group is left as it is (NaN/inf output)."""
     if _overflowed(s1, s2):
         return True
     m = s1 / M
