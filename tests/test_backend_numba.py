@@ -226,18 +226,32 @@ def test_huge_float32_values_normalize(shape, layout, mode):
     gave var = inf and an output equal to the bias (torch's CPU GroupNorm: NaN or ~1 off from std
     1e18). Such groups are summed again in float64 terms. Contiguous groups under 1024 elements
     (float64 terms already) and over (float32 blocks), channels-last, batch 1 (split reduction,
-    and the forced modes); an infinite input still gives NaN/inf in its own group only. The
-    backward is not covered: its q = -rstd^2 m2 leaves float32's range beyond std ~1e19."""
+    and the forced modes); an infinite input still gives NaN/inf in its own group only. The backward
+    (up to std 1e30): its q = -rstd^2 m2 leaves float32's range beyond std ~1e19, and such groups
+    take an exact float64 path (before: dx 2-4e-2 off at std 1e25)."""
     g = torch.Generator().manual_seed(13)
-    for std in (1e20, 1e36):
+    w = torch.randn(shape[1], generator=g) * 0.5 + 1
+    b = torch.randn(shape[1], generator=g) * 0.5
+    for std in (1e20, 1e30, 1e36):
         x = (torch.randn(shape, generator=g, dtype=torch.float64) * std).float()
+        dy = torch.randn(shape, generator=g)
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
+            dy = dy.contiguous(memory_format=torch.channels_last)
         y, stats = BACKEND.forward(x, None, None, 4, 1e-5, "none")
         xhat, _, rstd = ref.normalize(x.double().numpy(), 4, 1e-5)
         err = float(np.abs(y.double().numpy() - xhat).max())
         assert err < 1e-6, f"normalized output {err:.3g} off float64 at std {std:g} ({shape}, {layout}, {mode})"
         np.testing.assert_allclose(stats.double().numpy()[..., 2], rstd, rtol=1e-6)
+        if std > 1e30:
+            continue
+        for act in ("none", "relu", "silu"):
+            y, stats = BACKEND.forward(x, w, b, 4, 1e-5, act)
+            dx, _, _ = BACKEND.backward(dy, x, w, b, stats, 4, act, [True, False, False])
+            dx_ref, _, _ = ref.backward(dy.double().numpy(), x.double().numpy(), w.double().numpy(),
+                                        b.double().numpy(), 4, 1e-5, act)
+            rel = float(np.abs(dx.double().numpy() - dx_ref).max() / np.abs(dx_ref).max())
+            assert rel < 1e-5, f"dx {rel:.3g} off float64 at std {std:g} ({shape}, {layout}, {mode}, {act})"
     x = x.clone()
     x[0, 0].view(-1)[0] = float("inf")
     y, _ = BACKEND.forward(x, None, None, 4, 1e-5, "none")

@@ -516,6 +516,14 @@ def _nc_dx(dy, x, dx, w, bias, st, q64, r64, n, c0, c1, s0, s1, C, Cg, S, act, k
     mh = st[3 * grp]
     ml = np.float64(st[3 * grp + 1])
     rstd = np.float64(st[3 * grp + 2])
+    if _below_f32(q64):  # rare: the exact path (see _below_f32)
+        for c in range(c0, c1):
+            a, b = _channel_affine(x, w, bias, c, ml, rstd)
+            lo = (n * C + c) * S
+            for i in range(s0, s1):
+                j = np.uint64(lo + i)
+                dx[j] = _exact_dx(dy[j], x[j], dx[j], mh, a, b, rstd * np.float64(w[c]), q64, r64, act, k)
+        return
     q = _like(x, q64)
     r = _like(x, r64)
     for c in range(c0, c1):
@@ -536,6 +544,28 @@ def _nc_dx(dy, x, dx, w, bias, st, q64, r64, n, c0, c1, s0, s1, C, Cg, S, act, k
             for i in range(s0, s1):
                 j = np.uint64(lo + i)
                 dx[j] = dx[j] * p + (x[j] - mh) * q + r
+
+
+@njit(**_SERIAL)
+def _below_f32(q64):
+    """q = -rstd^2 m2 under float32's normal range: float32 inputs beyond ~1e19 (rstd < ~1e-19),
+    where q rounded to float32 loses its digits or becomes 0 and dx its (x - mh) * q term. Such
+    groups take the float64 _exact_dx (float64 inputs too, harmlessly, if ever)."""
+    return q64 != 0.0 and abs(q64) < 1.1754943508222875e-38
+
+
+@njit(**_SERIAL)
+def _exact_dx(dyv, xv, gv, mh, a, b, p64, q64, r64, act, k):
+    """One element of dx = g * p + (x - mh) * q + r in float64 (g is dy, dy masked by ReLU, or the
+    act'-scaled dy parked in dx for SiLU/GELU), rounded once to x's dtype."""
+    d = xv - mh
+    if act == 0:
+        g = dyv
+    elif act == 1:
+        g = dyv if d * a + b > k[0] else k[0]
+    else:
+        g = gv
+    return _like(k, np.float64(g) * p64 + np.float64(d) * q64 + r64)
 
 
 # ----------------------------------------------------------------------------- per-group bookkeeping
@@ -606,6 +636,7 @@ def _dx_coefs(cf, st, A, B, n, g, C, Cg, S, w):
         cf[base + _P * C + c] = rstd * np.float64(w[c])
         cf[base + _Q * C + c] = q
         cf[base + _R * C + c] = r
+    return q, r
 
 
 @njit(**_SERIAL)
@@ -842,6 +873,19 @@ def _cl_dx_rows(dy, x, dx, mh, a, b, p, q, r, xo, slo, shi, C, act, k):
 
 
 @njit(**_SERIAL)
+def _cl_dx_rows_exact(dy, x, dx, cfa, st, w, qr, n, G, Cg, xo, slo, shi, C, act, k):
+    """_cl_dx_rows through _exact_dx, for a sample with a group whose q is below float32's range;
+    cfa holds the sample's mean, a and b' rows of the coefficient table."""
+    for s in range(slo, shi):
+        for c in range(C):
+            grp = n * G + c // Cg
+            j = xo + s * C + c
+            p64 = np.float64(st[3 * grp + 2]) * np.float64(w[c])
+            dx[j] = _exact_dx(dy[j], x[j], dx[j], cfa[c], cfa[C + c], cfa[2 * C + c], p64,
+                              qr[2 * grp], qr[2 * grp + 1], act, k)
+
+
+@njit(**_SERIAL)
 def _cl_shifts(x, xo, C, Cg, off):
     """Per-channel shift: its group's _group_shift, in x's dtype."""
     shift = np.empty(C, x.dtype)
@@ -930,6 +974,7 @@ def _backward_cl(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
     cf = np.empty(N * 6 * C, x.dtype)
     A = np.zeros(N * C)
     B = np.zeros(N * C)
+    qr = np.empty(2 * N * G)  # each group's (q, r) in float64, for the rare exact path
     for i in range(N * G):
         _affine_coefs(cf, st, i // G, i % G, C, Cg, w, b)
     items = N if nch == 0 else N * nch
@@ -953,7 +998,7 @@ def _backward_cl(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
                     A[n * C + c] += part[po + c]
                     B[n * C + c] += part[po + C + c]
             for g in range(G):
-                _dx_coefs(cf, st, A, B, n, g, C, Cg, S, w)
+                qr[2 * (n * G + g)], qr[2 * (n * G + g) + 1] = _dx_coefs(cf, st, A, B, n, g, C, Cg, S, w)
     for it0 in prange(items):
         it = np.int64(it0)  # prange indices are unsigned; one signature per helper
         if nch == 0:
@@ -966,17 +1011,23 @@ def _backward_cl(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
                 n * S * C, s0, s1, C, act, k,
             )
             for g in range(G):
-                _dx_coefs(cf, st, A, B, n, g, C, Cg, S, w)
+                qr[2 * (n * G + g)], qr[2 * (n * G + g) + 1] = _dx_coefs(cf, st, A, B, n, g, C, Cg, S, w)
         else:
             n = it // nch
             ch = it - n * nch
             s0, s1 = ch * S // nch, (ch + 1) * S // nch
         base = n * 6 * C
-        _cl_dx_rows(
-            dy, x, dx, cf[base:base + C], cf[base + C:base + 2 * C], cf[base + 2 * C:base + 3 * C],
-            cf[base + 3 * C:base + 4 * C], cf[base + 4 * C:base + 5 * C], cf[base + 5 * C:base + 6 * C],
-            n * S * C, s0, s1, C, act, k,
-        )
+        exact = False
+        for g in range(G):
+            exact = exact or _below_f32(qr[2 * (n * G + g)])
+        if exact:  # rare: the exact path (see _below_f32)
+            _cl_dx_rows_exact(dy, x, dx, cf[base:base + 3 * C], st, w, qr, n, G, Cg, n * S * C, s0, s1, C, act, k)
+        else:
+            _cl_dx_rows(
+                dy, x, dx, cf[base:base + C], cf[base + C:base + 2 * C], cf[base + 2 * C:base + 3 * C],
+                cf[base + 3 * C:base + 4 * C], cf[base + 4 * C:base + 5 * C], cf[base + 5 * C:base + 6 * C],
+                n * S * C, s0, s1, C, act, k,
+            )
     _reduce_params(A, B, dw, db, N, C)
 
 
