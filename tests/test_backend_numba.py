@@ -157,6 +157,15 @@ def test_half_inputs_run_through_float32(dtype):
     np.testing.assert_allclose(np64(db), db_ref, rtol=1e-2, atol=1e-2 * np.abs(db_ref).max())
 
 
+def forward_error(x, G, rstd_rtol):
+    """Max |error| of the backend's forward (no affine) against float64 on the same values; also
+    checks its rstd statistics to rstd_rtol. Returns (error, stats)."""
+    y, stats = BACKEND.forward(x, None, None, G, 1e-5, "none")
+    xhat, _, rstd = ref.normalize(x.double().numpy(), G, 1e-5)
+    np.testing.assert_allclose(stats.double().numpy()[..., 2], rstd, rtol=rstd_rtol)
+    return float(np.abs(y.double().numpy() - xhat).max()), stats
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_large_mean_float32(layout, mode):
     """mean 1e4, std 1e-2: the normalized output within 1e-3 of float64's (ATen's CPU GN is ~8e-2 off)."""
@@ -193,12 +202,8 @@ def test_float32_statistics_as_accurate_as_float64(shape, G, layout, mode):
     x = x64.float()
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    y, stats = BACKEND.forward(x, None, None, G, 1e-5, "none")
-    xhat, mean, rstd = ref.normalize(x.double().numpy(), G, 1e-5)
-    err = float(np.abs(y.double().numpy() - xhat).max())
+    err, _ = forward_error(x, G, rstd_rtol=2e-7)
     assert err < 1e-6, f"normalized output {err:.3g} off float64 ({layout}, {mode})"
-    st = stats.double().numpy()
-    np.testing.assert_allclose(st[..., 2], rstd, rtol=2e-7)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -212,11 +217,8 @@ def test_float32_statistics_with_a_misleading_group_start(layout, mode):
     x = x64.float()
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    y, stats = BACKEND.forward(x, None, None, 8, 1e-5, "none")
-    xhat, _, rstd = ref.normalize(x.double().numpy(), 8, 1e-5)
-    err = float(np.abs(y.double().numpy() - xhat).max())
+    err, _ = forward_error(x, 8, rstd_rtol=2e-7)
     assert err < 2e-6, f"normalized output {err:.3g} off float64 ({layout}, {mode})"
-    np.testing.assert_allclose(stats.double().numpy()[..., 2], rstd, rtol=2e-7)
 
 
 @pytest.mark.parametrize("shape", [(2, 16, 8, 8), (2, 64, 8, 8), (2, 64, 16, 16), (1, 24, 40, 40)])
@@ -238,11 +240,8 @@ def test_huge_float32_values_normalize(shape, layout, mode):
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
             dy = dy.contiguous(memory_format=torch.channels_last)
-        y, stats = BACKEND.forward(x, None, None, 4, 1e-5, "none")
-        xhat, _, rstd = ref.normalize(x.double().numpy(), 4, 1e-5)
-        err = float(np.abs(y.double().numpy() - xhat).max())
+        err, _ = forward_error(x, 4, rstd_rtol=1e-6)
         assert err < 1e-6, f"normalized output {err:.3g} off float64 at std {std:g} ({shape}, {layout}, {mode})"
-        np.testing.assert_allclose(stats.double().numpy()[..., 2], rstd, rtol=1e-6)
         if std > 1e30:
             continue
         for act in ("none", "relu", "silu"):
