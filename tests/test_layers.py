@@ -292,3 +292,33 @@ def test_torch_jit_script_runs_the_registered_op_and_loads_in_a_fresh_process(tm
     code = (f"import torch, groupnorm\nm = torch.jit.load({str(path)!r})\nio = torch.load({str(tmp_path / 'io.pt')!r})\n"
             "torch.testing.assert_close(m(io['x']), io['y'])\nprint('LOADED')\n")
     run_fresh(code, "LOADED")
+
+
+def test_weight_norm_and_parametrize_on_the_layer():
+    """The layer reads its Parameters straight from _parameters when it can; old-style weight_norm
+    moves `weight` out of that dict (recomputed by a pre-hook) and parametrize swaps the class in:
+    both must still see their weight."""
+    import warnings
+
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 5, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        wn = torch.nn.utils.weight_norm(GroupNorm(4, 16), name="weight", dim=0)
+    with torch.no_grad():
+        wn.weight_g.mul_(3.0)
+        wn.bias.add_(1.0)
+    y = wn(x)
+    torch.testing.assert_close(y, F.group_norm(x, 4, wn.weight, wn.bias))
+    y.sum().backward()
+    assert wn.weight_g.grad is not None and wn.weight_v.grad is not None
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    pm = GroupNorm(4, 16, activation="relu")
+    parametrize.register_parametrization(pm, "weight", Double())
+    torch.testing.assert_close(pm(x), F.relu(F.group_norm(x, 4, 2 * pm.parametrizations.weight.original, pm.bias)))
