@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from groupnorm.groups import check_request, resolve_groups
-from groupnorm.layers import GroupNorm, GroupNormAct, StdConv1d, StdConv2d, StdConv3d, fused_activation
+from groupnorm.layers import GroupNorm, GroupNormAct, StdConv1d, StdConv2d, StdConv3d, conv_fan_in, fused_activation
 
 logger = logging.getLogger(__name__)
 
@@ -150,10 +149,6 @@ def _build_stdconv(conv: nn.Module) -> nn.Module:
     return new
 
 
-def _fan_in(conv: nn.Module) -> int:
-    return (conv.in_channels // conv.groups) * math.prod(conv.kernel_size)
-
-
 def _check_plain_weight(name: str, m: nn.Module, weight_standardization: bool) -> None:
     """Refuse, before anything changes, a layer whose weight is not a plain Parameter (weight norm,
     torch.nn.utils.parametrize): moving it into the new layer would fail half-way through."""
@@ -251,9 +246,8 @@ def convert_batchnorm(
             if isinstance(m, _BatchNorm) or (weight_standardization and isinstance(m, nn.modules.conv._ConvNd)):
                 raise _lazy_error(name, m)
             continue
-        if isinstance(m, _BatchNorm) or (weight_standardization and type(m) in _STD_CONVS and _fan_in(m) > 1):
-            _check_plain_weight(name, m, weight_standardization)
         if isinstance(m, _BatchNorm):
+            _check_plain_weight(name, m, weight_standardization)
             C = m.num_features
             try:
                 G = resolve_groups(C, num_groups, group_size=group_size, policy=policy, min_group_size=min_group_size)
@@ -269,9 +263,10 @@ def convert_batchnorm(
             row = Replacement(name, type(m).__name__, new_type, C, G, float(layer_eps), m.affine)
             plan[id(m)] = (name, m, lambda m=m, C=C, e=layer_eps: _build_groupnorm(m, C, request, e), row)
         elif weight_standardization and type(m) in _STD_CONVS:
-            if _fan_in(m) == 1:
+            if conv_fan_in(m) == 1:
                 skipped_convs.append(name)
                 continue
+            _check_plain_weight(name, m, weight_standardization)
             row = Replacement(name, type(m).__name__, _STD_CONVS[type(m)].__name__, m.out_channels, None,
                               float("nan"), m.bias is not None)  # eps filled in once built
             plan[id(m)] = (name, m, lambda m=m: _build_stdconv(m), row)

@@ -35,9 +35,13 @@ _is_scripting = torch.jit.is_scripting  # bound once: GroupNorm.forward asks it 
 torch.fx.wrap("_layer_group_norm")
 
 
-def _check_eps_activation(eps, activation) -> None:
+def _check_eps(eps, usual: str = "1e-5") -> None:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 < eps < math.inf):
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}; the usual value is 1e-5")
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}; the usual value is {usual}")
+
+
+def _check_eps_activation(eps, activation) -> None:
+    _check_eps(eps)
     _check_activation(activation)
 
 
@@ -113,8 +117,10 @@ class GroupNorm(nn.GroupNorm):
                 # which cost tiny calls ~20% (25 against 32 us a forward); subclasses (parametrize
                 # swaps the class in) and weight_norm-style layers (weight moved out of the dict)
                 # keep the attribute lookup
-                return group_norm(input, self.num_groups, p["weight"], p["bias"], self.eps, activation=self.activation)
-            return group_norm(input, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation)
+                weight, bias = p["weight"], p["bias"]
+            else:
+                weight, bias = self.weight, self.bias
+            return group_norm(input, self.num_groups, weight, bias, self.eps, activation=self.activation)
         # fx proxies (kept as one node), and the layer's own error for a wrong channel count
         return _layer_group_norm(
             input, self.num_channels, self.num_groups, self.weight, self.bias, self.eps, self.activation
@@ -328,6 +334,11 @@ def norm_layer(
 
 
 # ----------------------------------------------------------------------------- weight standardization
+def conv_fan_in(conv: nn.Module) -> int:
+    """Weights per output filter of a convolution: what weight standardization averages over."""
+    return (conv.in_channels // conv.groups) * math.prod(conv.kernel_size)
+
+
 def standardize_weight(weight: torch.Tensor, eps: float) -> torch.Tensor:
     """(w - mean) / sqrt(var + eps) per output filter, biased variance over (in/groups, *kernel)."""
     dims = tuple(range(1, weight.dim()))
@@ -343,10 +354,8 @@ class _StdConvMixin:
     """
 
     def _std_init(self, eps: float) -> None:
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 < eps < math.inf):
-            raise ValueError(f"eps must be a positive finite number, got {eps!r}; the usual value is 1e-6")
-        fan_in = (self.in_channels // self.groups) * math.prod(self.kernel_size)
-        if fan_in == 1:
+        _check_eps(eps, usual="1e-6")
+        if conv_fan_in(self) == 1:
             raise ValueError(
                 f"{type(self).__name__}({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"groups={self.groups}) has one weight per output filter: standardized, it is always 0 and the "

@@ -32,6 +32,17 @@ Session 6 additions:
     python scripts/spot_checks.py nt-store             # plain vs non-temporal stores over 98 MiB
     python scripts/spot_checks.py train-profile        # norm + ReLU vs convolution time in the bench's channels-last ResNet step
 
+Session 7 additions:
+
+    python scripts/spot_checks.py bitwise-ab --old /path/to/older/checkout   # old vs new kernels, bit for bit
+    python scripts/spot_checks.py huge-values    # forward/backward error at std 1e18..1e30, float32
+
+bitwise-ab: the numba forward and backward kernels (contiguous and channels-last) of this checkout and
+of an older one on 168 cases (float32/float64 x 7 shapes x chunking 0/1/3 x none/relu/silu/gelu), and
+whether outputs, statistics and gradients agree bit for bit.
+huge-values: max relative error against float64 of y and dx (float32 input of std 1e18..1e30, G = 4)
+for the numba and composite backends and torch.nn.functional.group_norm, both layouts.
+
 kernel-ab: the contiguous numba kernels (fwd or bwd, float32, G = 32, no activation) of this checkout
 and of an older one (its cpu.py loaded under another module name), and ATen's, called directly,
 timed as `groupnorm bench` times (shuffled rounds, 12 of them), every call allocating its outputs as ATen's
@@ -176,6 +187,61 @@ def kernel_ab(old_root: str, which: str, shapes: list, threads: int) -> None:
         same = all(np.array_equal(a, e) for a, e in zip(out["old"], out["new"]))
         print(f"{which} {threads} thread(s) {shape}: " + ", ".join(f"{k} {v:.1f} us" for k, v in m.items())
               + f"; new/old {m['old'] / m['new']:.2f}x, aten/new {m['aten'] / m['new']:.2f}x, bitwise equal: {same}")
+
+
+def bitwise_ab(old_root: str) -> None:
+    old = _load_old_cpu(old_root)
+    rng = np.random.default_rng(0)
+    cases = differing = 0
+    for dt in (np.float32, np.float64):
+        for (N, C, S, G) in [(8, 256, 49, 32), (2, 64, 49, 8), (3, 96, 200, 4), (2, 64, 4096, 32),
+                             (1, 32, 9000, 8), (4, 16, 7, 16), (2, 128, 512, 8)]:
+            for nch in (0, 1, 3):
+                for act in range(4):
+                    x = (rng.standard_normal(N * C * S) * 3 + 2).astype(dt)
+                    dy = rng.standard_normal(N * C * S).astype(dt)
+                    w, b = rng.standard_normal(C).astype(dt), rng.standard_normal(C).astype(dt)
+                    results = []
+                    for mod in (old, cpu):
+                        out = []
+                        for fwd, bwd in ((mod._forward_nc, mod._backward_nc), (mod._forward_cl, mod._backward_cl)):
+                            y, st = np.empty_like(x), np.empty(N * G * 3, dt)
+                            fwd(x, y, w, b, st, N, C, S, G, 1e-5, act, nch)
+                            dx, dw, db = np.empty_like(x), np.empty(C, dt), np.empty(C, dt)
+                            bwd(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch)
+                            out += [y, st, dx, dw, db]
+                        results.append(out)
+                    cases += 1
+                    if not all(np.array_equal(a, e) for a, e in zip(*results)):
+                        differing += 1
+                        print(f"differs: {np.dtype(dt).name} N,C,S,G={N, C, S, G} chunks={nch} act={act}")
+    print(f"{cases} cases (contiguous and channels-last each), {differing} with any difference")
+
+
+def huge_values() -> None:
+    torch.manual_seed(0)
+    for std in (1e18, 1e20, 1e25, 1e30):
+        for layout in ("contiguous", "channels_last"):
+            x = torch.randn(2, 64, 16, 16) * std
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            w, b = torch.randn(64, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
+            dy = torch.randn(2, 64, 16, 16, dtype=torch.float64)
+            x64 = x.double().requires_grad_()
+            ref = F.group_norm(x64, 4, w, b)
+            gref = torch.autograd.grad(ref, x64, dy)[0]
+            row = []
+            for name in ("numba", "composite", "torch"):
+                xi = x.clone().requires_grad_()
+                if name == "torch":
+                    y = F.group_norm(xi, 4, w.float(), b.float())
+                else:
+                    y = groupnorm.group_norm(xi, 4, w.float(), b.float(), backend=name)
+                g = torch.autograd.grad(y, xi, dy.float())[0]
+                ey = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+                eg = ((g.double() - gref).abs().max() / gref.abs().max()).item()
+                row.append(f"{name} y {ey:.1e} dx {eg:.1e}")
+            print(f"std {std:.0e} {layout:13}: " + " | ".join(row))
 
 
 def activation_error(old_root: str | None) -> None:
@@ -542,11 +608,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["silu", "large-mean", "paths", "kernel-ab", "activation-error", "forward-floor",
                                     "nt-store", "train-profile", "stats-accuracy", "neighbour-bias",
-                                    "geomeans", "openmp-runtimes", "engine-cost", "cl-blocks", "startup"])
+                                    "geomeans", "openmp-runtimes", "engine-cost", "cl-blocks", "startup",
+                                    "bitwise-ab", "huge-values"])
     p.add_argument("args", nargs="*", help="paths, neighbour-bias: a shape (default 32 1024 14 14, 8 2048 7 7); kernel-ab: fwd|bwd then shapes like 8x2048x7x7; geomeans: bench --out folders")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--old", help="kernel-ab, activation-error, stats-accuracy: root of an older checkout")
+    p.add_argument("--old", help="kernel-ab, bitwise-ab, activation-error, stats-accuracy: root of an older checkout")
     a = p.parse_intermixed_args()
     if a.what == "silu":
         silu()
@@ -556,6 +623,12 @@ def main() -> None:
         if not a.old or not a.args or a.args[0] not in ("fwd", "bwd"):
             p.error("kernel-ab needs --old CHECKOUT, then fwd or bwd, then shapes such as 8x2048x7x7")
         kernel_ab(a.old, a.args[0], [tuple(int(v) for v in s.split("x")) for s in a.args[1:]] or [(8, 2048, 7, 7)], a.threads)
+    elif a.what == "bitwise-ab":
+        if not a.old:
+            p.error("bitwise-ab needs --old CHECKOUT")
+        bitwise_ab(a.old)
+    elif a.what == "huge-values":
+        huge_values()
     elif a.what == "activation-error":
         activation_error(a.old)
     elif a.what == "stats-accuracy":
