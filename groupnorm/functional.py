@@ -293,6 +293,17 @@ def group_norm(
         # call, loadable wherever groupnorm is imported), not the fast lane's unchecked one
         y, _ = _forward_op(input, weight, bias, num_groups, float(eps), act, name)
         return y
+    if _is_expanded_weight(weight) or _is_expanded_weight(bias):
+        # per-sample gradients by torch's ExpandedWeights (call_for_per_sample_grads, Opacus'
+        # grad_sample_mode="ew"): they handle torch's group_norm, not our op
+        if bias is None and _is_expanded_weight(weight):
+            # torch 2.13's expanded group_norm fails in backward without an expanded bias (it reads
+            # ctx.bias, set only for one): a zero one, whose per-sample gradient nobody reads
+            zero = torch.zeros(input.shape[1], dtype=weight.dtype, device=weight.device, requires_grad=True)
+            bias = type(weight)(zero, weight.batch_size, weight.loss_reduction)
+            bias.allow_smaller_batches = weight.allow_smaller_batches
+        y = torch.nn.functional.group_norm(input, num_groups, weight, bias, eps)
+        return y if act == "none" else _TORCH_ACTIVATIONS[act](y)
     if _functorch_active() or _fwad._current_level >= 0:
         # vmap / grad / jvp (per-sample gradients) and forward-mode AD (torch.autograd.forward_ad):
         # PyTorch ops they can transform (the kernels would drop tangents)
@@ -312,6 +323,14 @@ def group_norm(
 
 
 _LANE_CODES = {None: 0, **backends.ACT_CODES}
+_TORCH_ACTIVATIONS = {"relu": torch.relu, "silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}
+_PARAM_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _is_expanded_weight(t) -> bool:
+    """t is one of torch's ExpandedWeight tensors (torch.nn.utils._expanded_weights): a parameter
+    wrapped for per-sample gradients, which only the torch functions it knows may receive."""
+    return t is not None and type(t).__name__ == "ExpandedWeight" and type(t).__module__.startswith("torch.nn.utils._expanded")
 _is_compiling = torch.compiler.is_compiling
 _tracing_state = torch._C._get_tracing_state
 _functorch_probe = getattr(torch._C, "_are_functorch_transforms_active", None)
@@ -328,8 +347,8 @@ def try_front(input, num_groups, weight, bias, eps, activation) -> Optional[Tens
         and type(num_groups) is int
         and 0 < num_groups < 1 << 62  # the op takes an int64; others get the Python path's error
         and type(eps) is float
-        and (weight is None or isinstance(weight, Tensor))
-        and (bias is None or isinstance(bias, Tensor))
+        and (weight is None or type(weight) in _PARAM_TYPES)  # tensor subclasses (ExpandedWeight, DTensor, ...)
+        and (bias is None or type(bias) in _PARAM_TYPES)  # take the Python path
         and _front_allowed(lane)
     ):
         code = _LANE_CODES.get(activation) if activation is None or type(activation) is str else None

@@ -408,6 +408,58 @@ def test_opacus_per_sample_grads_equal_single_sample_grads(layer):
     assert math.isfinite(float(grads[layer.weight].sum()))
 
 
+def test_opacus_expanded_weights_mode_trains_a_gn_model():
+    """Opacus' grad_sample_mode="ew" (torch's ExpandedWeights) next to its default hooks: the same
+    per-sample gradients of the GN layer's gamma and beta."""
+    opacus = pytest.importorskip("opacus")
+    grads = {}
+    for mode in ("hooks", "ew"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), GroupNorm(4, 8, activation="silu"), nn.Flatten(), nn.Linear(8 * 36, 2))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        data = torch.utils.data.TensorDataset(torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 0, 1, 1, 0]))
+        loader = torch.utils.data.DataLoader(data, batch_size=3)
+        private, optimizer, loader = opacus.PrivacyEngine().make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+            poisson_sampling=False, grad_sample_mode=mode,
+        )
+        x, y = next(iter(loader))
+        F.cross_entropy(private(x), y).backward()
+        grads[mode] = [model[1].weight.grad_sample.clone(), model[1].bias.grad_sample.clone()]
+        assert grads[mode][0].shape == (3, 8)
+        optimizer.step()
+    for got, exp in zip(grads["ew"], grads["hooks"]):
+        torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-4)
+
+
+def test_opacus_per_sample_grads_of_a_weight_standardized_conv():
+    """GN+WS under Opacus: hooks (Opacus' default) give StdConv2d's true per-sample gradients (those
+    of the raw weight, through the standardization); ExpandedWeights ("ew") cannot, and say so."""
+    opacus = pytest.importorskip("opacus")
+    for mode in ("hooks", "ew"):
+        torch.manual_seed(0)
+        bn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 2))
+        model = convert_batchnorm(bn, weight_standardization=True)
+        assert type(model[0]) is StdConv2d
+        data = torch.utils.data.TensorDataset(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 1, 0]))
+        private, _, loader = opacus.PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=torch.utils.data.DataLoader(data, batch_size=4), noise_multiplier=1.0, max_grad_norm=1.0,
+            poisson_sampling=False, grad_sample_mode=mode, loss_reduction="sum",
+        )
+        x, y = next(iter(loader))
+        if mode == "ew":
+            with pytest.raises(RuntimeError, match="StdConv2d cannot run under torch's ExpandedWeights.*'hooks'"):
+                private(x)
+            continue
+        F.cross_entropy(private(x), y, reduction="sum").backward()
+        got = model[0].weight.grad_sample.clone()
+        for i in range(4):
+            model.zero_grad()
+            F.cross_entropy(model(x[i:i + 1]), y[i:i + 1], reduction="sum").backward()
+            torch.testing.assert_close(got[i], model[0].weight.grad, atol=1e-5, rtol=1e-4)
+
+
 # ============================================================================ found by the session-6 review
 def test_a_module_registered_twice_under_one_parent_is_converted_in_every_slot():
     bn = nn.BatchNorm2d(8)

@@ -282,6 +282,33 @@ def test_per_sample_gradients_with_torch_func():
         torch.testing.assert_close(got[k], exp[k], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("activation", [None, "relu", "silu", "gelu"])
+@pytest.mark.parametrize("affine", ["both", "weight only"])
+def test_per_sample_gradients_with_expanded_weights(activation, affine):
+    """torch's ExpandedWeights (call_for_per_sample_grads; Opacus' grad_sample_mode="ew") wrap every
+    parameter; found in session 8: our op refused them ("Expanded Weights encountered but cannot
+    handle function try_group_norm"). Each sample's gradient against that sample's own backward."""
+    from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
+
+    from groupnorm import GroupNorm
+
+    torch.manual_seed(3)
+    norm = GroupNorm(4, 8, activation=activation, bias=affine == "both")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), norm, torch.nn.Flatten(), torch.nn.Linear(8 * 16, 3))
+    with torch.no_grad():
+        norm.weight.normal_()
+    x, y = torch.randn(5, 3, 6, 6), torch.tensor([0, 1, 2, 0, 1])
+    out = call_for_per_sample_grads(model, loss_reduction="sum")(x)
+    torch.nn.functional.cross_entropy(out, y, reduction="sum").backward()
+    got = {name: p.grad_sample.clone() for name, p in model.named_parameters()}
+    assert set(got) == {name for name, _ in model.named_parameters()} and ("1.bias" in got) == (affine == "both")
+    for i in range(5):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1], reduction="sum").backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(got[name][i], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("lane", [True, False])
 def test_forward_mode_ad_gives_torchs_tangent(lane, monkeypatch):
     """torch.autograd.forward_ad: found in review, the kernels dropped the tangent silently (Python
