@@ -40,12 +40,17 @@ Session 7 additions:
 bitwise-ab: the numba forward and backward kernels (contiguous and channels-last) of this checkout and
 of an older one on 168 cases (float32/float64 x 7 shapes x chunking 0/1/3 x none/relu/silu/gelu), and
 whether outputs, statistics and gradients agree bit for bit.
+Session 8 additions:
+
+    python scripts/spot_checks.py exp-poly [--old /path/to/older/checkout]   # the float32 exp's fit, error, SiLU speed
+    python scripts/spot_checks.py kernel-ab --act silu --old /path/to/older/checkout fwd 1x512x64x64
+
 huge-values: max relative error against float64 of y and dx (float32 input of std 1e18..1e30, G = 4)
 for the numba and composite backends and torch.nn.functional.group_norm, both layouts.
 
-kernel-ab: the contiguous numba kernels (fwd or bwd, float32, G = 32, no activation) of this checkout
-and of an older one (its cpu.py loaded under another module name), and ATen's, called directly,
-timed as `groupnorm bench` times (shuffled rounds, 12 of them), every call allocating its outputs as ATen's
+kernel-ab: the contiguous numba kernels (fwd or bwd, float32, G = 32, with --act fused, none by default) of this checkout
+and of an older one (its cpu.py loaded under another module name), and ATen's (with torch's activation
+op beside it when --act is given), called directly, timed as `groupnorm bench` times (shuffled rounds, 12 of them), every call allocating its outputs as ATen's
 does; prints both ratios and whether old and new agree bitwise.
 """
 
@@ -146,7 +151,7 @@ def _load_old_cpu(old_root: str):
     return old
 
 
-def kernel_ab(old_root: str, which: str, shapes: list, threads: int) -> None:
+def kernel_ab(old_root: str, which: str, shapes: list, threads: int, act: str = "none") -> None:
     old = _load_old_cpu(old_root)
     numba.set_num_threads(threads)
     torch.set_num_threads(threads)
@@ -157,6 +162,7 @@ def kernel_ab(old_root: str, which: str, shapes: list, threads: int) -> None:
         wt, bt = torch.randn(C), torch.randn(C)
         _, mean, rstd = torch.ops.aten.native_group_norm(xt, wt, bt, N, C, S, G, 1e-5)
         x, dy, w, b = xt.numpy().ravel(), dyt.numpy().ravel(), wt.numpy(), bt.numpy()
+        code = groupnorm.backends.ACT_CODES.get(act, 0)
         st = np.empty(N * G * 3, np.float32)
         nch = cpu._plan(N, C, S, G, False, threads)[1]
         cpu._forward_nc(x, np.empty_like(x), w, b, st, N, C, S, G, 1e-5, 0, nch)
@@ -168,24 +174,32 @@ def kernel_ab(old_root: str, which: str, shapes: list, threads: int) -> None:
             if which == "bwd":
                 def call():
                     dx, dw, db = np.empty_like(x), np.empty(C, np.float32), np.empty(C, np.float32)
-                    mod._backward_nc(dy, x, dx, dw, db, w, b, st, N, C, S, G, 0, nch)
+                    mod._backward_nc(dy, x, dx, dw, db, w, b, st, N, C, S, G, code, nch)
                     out[key] = (dx, dw, db)
                 return call
 
             def call():
                 y, s2 = np.empty_like(x), np.empty_like(st)
-                mod._forward_nc(x, y, w, b, s2, N, C, S, G, 1e-5, 0, nch)
+                mod._forward_nc(x, y, w, b, s2, N, C, S, G, 1e-5, code, nch)
                 out[key] = (y, s2)
             return call
 
         cases = {"old": mk(old, "old"), "new": mk(cpu, "new")}
-        if which == "bwd":
+        if act != "none":  # ATen has no fused activation: its op and torch's activation op, both ways
+            fn = {"relu": torch.relu, "silu": F.silu, "gelu": F.gelu}[act]
+            z = torch.ops.aten.native_group_norm(xt, wt, bt, N, C, S, G, 1e-5)[0]
+            act_bwd = {"relu": lambda: torch.ops.aten.threshold_backward(dyt, torch.relu(z), 0),
+                       "silu": lambda: torch.ops.aten.silu_backward(dyt, z),
+                       "gelu": lambda: torch.ops.aten.gelu_backward(dyt, z)}[act]
+            cases["aten"] = (lambda: fn(torch.ops.aten.native_group_norm(xt, wt, bt, N, C, S, G, 1e-5)[0])) if which == "fwd" \
+                else (lambda: torch.ops.aten.native_group_norm_backward(act_bwd(), xt, mean, rstd, wt, N, C, S, G, [True] * 3))
+        elif which == "bwd":
             cases["aten"] = lambda: torch.ops.aten.native_group_norm_backward(dyt, xt, mean, rstd, wt, N, C, S, G, [True] * 3)
         else:
             cases["aten"] = lambda: torch.ops.aten.native_group_norm(xt, wt, bt, N, C, S, G, 1e-5)
         m = {k: v * 1e6 for k, v in time_interleaved(cases, 12).items()}
         same = all(np.array_equal(a, e) for a, e in zip(out["old"], out["new"]))
-        print(f"{which} {threads} thread(s) {shape}: " + ", ".join(f"{k} {v:.1f} us" for k, v in m.items())
+        print(f"{which} {act} {threads} thread(s) {shape}: " + ", ".join(f"{k} {v:.1f} us" for k, v in m.items())
               + f"; new/old {m['old'] / m['new']:.2f}x, aten/new {m['aten'] / m['new']:.2f}x, bitwise equal: {same}")
 
 
@@ -604,16 +618,72 @@ def startup(runs: int) -> None:
         print(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip())
 
 
+def _fit_exp(deg: int) -> np.ndarray:
+    """Coefficients c0 = 1, c1..c_deg of a polynomial for exp(r) on |r| <= ln2/2 (a hair wider), fitted
+    for the least maximum relative error: least squares on Chebyshev nodes, reweighted toward the
+    points of largest error (a Remez-like iteration; float64 throughout)."""
+    half = math.log(2) / 2 * 1.0005
+    r = np.cos(np.linspace(0, np.pi, 4000)) * half
+    A = np.stack([r ** k for k in range(1, deg + 1)], 1) / np.exp(r)[:, None]
+    target = (np.exp(r) - 1) / np.exp(r)
+    w = np.ones_like(r)
+    for _ in range(30):
+        c, *_ = np.linalg.lstsq(A * w[:, None], target * w, rcond=None)
+        err = np.abs(A @ c - target)
+        w = w * (err / err.max()) ** 0.3 + 1e-3
+        w /= w.max()
+    return np.concatenate([[1.0], c])
+
+
+def exp_poly(old_root: str | None, rounds: int) -> None:
+    """The float32 exp of the fused activations: the fitted degree-6 coefficients (as cpu._vexp holds
+    them), the relative error of _vexp over [-87, 88], and a SiLU loop's speed, this checkout against
+    an older one (--old)."""
+    c = _fit_exp(6)
+    print("degree-6 fit, c0..c6 as float32: " + ", ".join(repr(float(np.float32(v))) for v in c))
+    r = np.linspace(-math.log(2) / 2, math.log(2) / 2, 200001)
+    print(f"  max relative error of the fit in float64 on |r| <= ln2/2: {np.max(np.abs(np.polyval(c[::-1], r) / np.exp(r) - 1)):.2e}")
+    modules = {"this checkout": cpu}
+    if old_root:
+        modules = {"older checkout": _load_old_cpu(old_root), **modules}
+    z = np.linspace(-87, 88, 8_000_001).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal(1 << 16).astype(np.float32) * 4  # 256 KiB: in L2
+    loops = {}
+    for label, mod in modules.items():
+        @numba.njit(error_model="numpy")
+        def ev(z, o):
+            for i in range(z.shape[0]):
+                o[i] = mod._vexp(z[i])
+
+        @numba.njit(error_model="numpy")
+        def silu_loop(x, y):
+            k = mod._consts(x)
+            for i in range(x.shape[0]):
+                y[i] = mod._silu(x[i], k)
+
+        o = np.empty_like(z)
+        ev(z, o)
+        err = float(np.max(np.abs(o.astype(np.float64) / np.exp(z.astype(np.float64)) - 1)))
+        print(f"{label}: _vexp float32 max relative error over [-87, 88]: {err:.2e}")
+        silu_loop(x, np.empty_like(x))  # compiled now, while `mod` is this module (numba reads the cell when it compiles)
+        loops[label] = (lambda f: lambda: f(x, np.empty_like(x)))(silu_loop)
+    m = time_interleaved(loops, max(rounds, 200))
+    print("SiLU loop, 65536 float32 in L2, one thread, ns per element: "
+          + ", ".join(f"{k} {v * 1e9 / x.size:.3f}" for k, v in m.items()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["silu", "large-mean", "paths", "kernel-ab", "activation-error", "forward-floor",
                                     "nt-store", "train-profile", "stats-accuracy", "neighbour-bias",
                                     "geomeans", "openmp-runtimes", "engine-cost", "cl-blocks", "startup",
-                                    "bitwise-ab", "huge-values"])
+                                    "bitwise-ab", "huge-values", "exp-poly"])
     p.add_argument("args", nargs="*", help="paths, neighbour-bias: a shape (default 32 1024 14 14, 8 2048 7 7); kernel-ab: fwd|bwd then shapes like 8x2048x7x7; geomeans: bench --out folders")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--old", help="kernel-ab, bitwise-ab, activation-error, stats-accuracy: root of an older checkout")
+    p.add_argument("--old", help="kernel-ab, bitwise-ab, activation-error, stats-accuracy, exp-poly: root of an older checkout")
+    p.add_argument("--act", default="none", choices=["none", "relu", "silu", "gelu"],
+                   help="kernel-ab: the fused activation (ATen's side: its group norm op and torch's activation op)")
     a = p.parse_intermixed_args()
     if a.what == "silu":
         silu()
@@ -622,13 +692,16 @@ def main() -> None:
     elif a.what == "kernel-ab":
         if not a.old or not a.args or a.args[0] not in ("fwd", "bwd"):
             p.error("kernel-ab needs --old CHECKOUT, then fwd or bwd, then shapes such as 8x2048x7x7")
-        kernel_ab(a.old, a.args[0], [tuple(int(v) for v in s.split("x")) for s in a.args[1:]] or [(8, 2048, 7, 7)], a.threads)
+        kernel_ab(a.old, a.args[0], [tuple(int(v) for v in s.split("x")) for s in a.args[1:]] or [(8, 2048, 7, 7)], a.threads,
+                  a.act)
     elif a.what == "bitwise-ab":
         if not a.old:
             p.error("bitwise-ab needs --old CHECKOUT")
         bitwise_ab(a.old)
     elif a.what == "huge-values":
         huge_values()
+    elif a.what == "exp-poly":
+        exp_poly(a.old, a.rounds)
     elif a.what == "activation-error":
         activation_error(a.old)
     elif a.what == "stats-accuracy":
