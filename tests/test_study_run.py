@@ -226,3 +226,29 @@ def test_changed_data_files_are_a_new_recipe(tmp_path, capsys):
     assert cli.run(tiny_args(data, out, *args)) == 0
     assert len({r["config"] for r in read_records(out)} - first) == 1
     assert str(data.resolve()) in (out / "summary.md").read_text()
+
+
+def test_bn_noise_probe_follows_the_worker_sampling():
+    """Found in session 8: class-sorted runs were probed with random (iid) chunks, so the figure's
+    BN-noise line for them showed the noise of batches those workers never saw."""
+    import torch
+    from torch import nn
+
+    from groupnorm.study.train import batch_stat_noise, probe_indices
+
+    labels = torch.arange(4).repeat_interleave(50)[torch.randperm(200, generator=torch.Generator().manual_seed(0))]
+    iid = probe_indices(labels, 64, 8, "iid")
+    assert len(iid) == 64 and len(set(iid.tolist())) == 64
+    cls = probe_indices(labels, 64, 8, "class")
+    assert len(cls) == 64  # 16 per class: 64 // 4 rounded down to a multiple of 8
+    assert all(len(set(labels[chunk].tolist())) == 1 for chunk in cls.view(-1, 8))
+    assert len(probe_indices(labels, 64, 32, "class")) == 4 * 32  # at least one batch per class
+    assert len(probe_indices(labels, 64, 64, "class")) == 0  # no class has 64 images
+
+    # a BatchNorm right at the input, classes 10 apart: one-class chunks stray far from the population
+    x = torch.randn(200, 1, 2, 2) + 10.0 * labels.view(-1, 1, 1, 1)
+    model = nn.Sequential(nn.BatchNorm2d(1))
+    iid_err = batch_stat_noise(model, x[iid], 8)[0]["mean_rel_err"]
+    cls_err = batch_stat_noise(model, x[cls], 8)[0]["mean_rel_err"]
+    assert cls_err > 0.5 > iid_err and cls_err > 3 * iid_err, (iid_err, cls_err)
+    assert batch_stat_noise(model, x[:4], 8) == []  # fewer images than a batch

@@ -35,7 +35,9 @@ def run_results(records: list[dict], config: str, final_epochs: int, epochs: int
         if epochs is not None and len(recs) < epochs:
             continue  # unfinished run
         last = recs[-final_epochs:]
-        noise = [r["bn_noise"] for r in recs if "bn_noise" in r]
+        # the probe's chunks follow the run's worker sampling; class runs' records without the tag
+        # (before session 8) were probed with iid chunks and are left out
+        noise = [r["bn_noise"] for r in recs if "bn_noise" in r and r.get("bn_noise_probe", "iid") == key[0]]
         out[key] = {
             "val_error": statistics.median(r["val_error"] for r in last),
             "train_error": statistics.median(r["train_error"] for r in last),

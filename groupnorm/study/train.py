@@ -172,13 +172,32 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mean, std, chun
     return 100.0 * wrong / len(y), loss / len(y)
 
 
+def probe_indices(labels: torch.Tensor, size: int, batch: int, sampling: str) -> torch.Tensor:
+    """Training images for the BN-noise probe, ordered so that its consecutive chunks of ``batch``
+    are batches like the run's workers get: ``iid``, ``size`` random images; ``class``, per class a
+    random multiple of ``batch`` of its images (about size / classes, at least ``batch``), class
+    after class, so that every chunk holds one class."""
+    g = torch.Generator().manual_seed(12345)
+    if sampling == "iid":
+        return torch.randperm(len(labels), generator=g)[:size]
+    classes = torch.unique(labels)
+    per_class = max(batch, size // len(classes) // batch * batch)
+    parts = []
+    for c in classes:
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        parts.append(idx[: min(per_class, len(idx) // batch * batch)])
+    return torch.cat(parts)
+
+
 @torch.no_grad()
 def batch_stat_noise(model: nn.Module, probe: torch.Tensor, batch: int, eps: float = 1e-5) -> list[dict]:
     """Per norm layer: how far per-worker batch statistics stray from the population's.
 
     The model runs in eval mode on the fixed probe set; at each norm layer's input the
     population mean/variance per channel are taken over the whole probe, and the batch ones over
-    each chunk of ``batch`` probe images. Reported: mean over chunks and channels of
+    each chunk of ``batch`` probe images (chunks of one class for class-sorted runs: see
+    probe_indices). Reported: mean over chunks and channels of
     |mu_B - mu| / sigma and |var_B - var| / var (relative errors of the mean and variance).
     """
     inputs = []
@@ -193,6 +212,8 @@ def batch_stat_noise(model: nn.Module, probe: torch.Tensor, batch: int, eps: flo
     for (name, _), a in zip(norm_layers(model), inputs):
         p, c = a.shape[:2]
         k = p // batch
+        if k == 0:  # fewer probe images than one batch: nothing to measure
+            return []
         var, mu = torch.var_mean(a, dim=(0, 2, 3), correction=0)
         chunks = a[: k * batch].reshape(k, batch, c, -1)
         var_b, mu_b = torch.var_mean(chunks, dim=(1, 3), correction=0)
@@ -293,7 +314,7 @@ def train_run(recipe: Recipe, run: Run, ds: DataSet, checkpoint: str | None = No
     mean, std = mean.to(dev), std.to(dev)
     train_x, train_y = ds.train_x.to(dev), ds.train_y.to(dev)
     val_x, val_y = ds.val_x.to(dev), ds.val_y.to(dev)
-    probe_idx = torch.randperm(len(ds.train_y), generator=torch.Generator().manual_seed(12345))[: recipe.probe_size]
+    probe_idx = probe_indices(ds.train_y, recipe.probe_size, N, run.sampling)
     probe = to_float(train_x[probe_idx.to(dev)], mean, std)
 
     steps_per_epoch = len(ds.train_y) // (W * N)
@@ -378,6 +399,7 @@ def train_run(recipe: Recipe, run: Run, ds: DataSet, checkpoint: str | None = No
         probe_epochs = {1, max(1, recipe.epochs // 2), recipe.epochs}
         if run.norm in BATCH_NORMS and epoch + 1 in probe_epochs:
             record["bn_noise"] = batch_stat_noise(model, probe, N)
+            record["bn_noise_probe"] = run.sampling  # records from before it probed class runs with iid chunks
         history.append(record)
         if checkpoint and d.is_main:
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
