@@ -252,3 +252,24 @@ def test_bn_noise_probe_follows_the_worker_sampling():
     cls_err = batch_stat_noise(model, x[cls], 8)[0]["mean_rel_err"]
     assert cls_err > 0.5 > iid_err and cls_err > 3 * iid_err, (iid_err, cls_err)
     assert batch_stat_noise(model, x[:4], 8) == []  # fewer images than a batch
+
+
+def test_final_epochs_reads_the_same_runs(tmp_path, capsys):
+    """--final-epochs only chooses how the table reads the records: changing it retrains nothing
+    (found in session 6's notes: it was part of the recipe hash)."""
+    from groupnorm.study.runner import recipe_hash
+    from groupnorm.study.train import Recipe
+
+    assert recipe_hash(Recipe(final_epochs=1)) == recipe_hash(Recipe())
+    assert recipe_hash(Recipe(epochs=11)) != recipe_hash(Recipe())
+    data = make_idx_folder(tmp_path / "data", n_train=64, n_val=20)
+    out = tmp_path / "out"
+    args = ["--norms", "gn", "--batch-sizes", "2", "--epochs", "3", "--seeds", "1"]
+    assert cli.run(tiny_args(data, out, *args)) == 0
+    first = read_records(out)
+    capsys.readouterr()
+    assert cli.run(tiny_args(data, out, *args, "--final-epochs", "1")) == 0
+    err = capsys.readouterr().err
+    assert "done: val error" not in err  # nothing trained again
+    assert read_records(out) == first and len(first) == 3
+    assert "median of the last 1 epochs" in (out / "summary.md").read_text()

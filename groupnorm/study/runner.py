@@ -40,7 +40,12 @@ from groupnorm.study.train import Dist, Recipe, Run, train_run
 
 
 def recipe_hash(recipe: Recipe) -> str:
-    blob = json.dumps(recipe.to_dict(), sort_keys=True).encode()
+    d = recipe.to_dict()
+    # final_epochs is how the table reads the records (the median of the last ones), not how they
+    # were trained: runs are shared across --final-epochs, hashed with the default's value (so the
+    # hashes of default recipes are the ones they always had)
+    d["final_epochs"] = Recipe.final_epochs
+    blob = json.dumps(d, sort_keys=True).encode()
     return hashlib.sha1(blob).hexdigest()[:10]
 
 
