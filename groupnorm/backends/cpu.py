@@ -392,8 +392,8 @@ def _row_grad_sums(dy, x, gs, lo, s0, s1, mh, a, b, act, k):
     """(sum g, sum g * (x - mh)) over positions s0..s1 of the row at lo: blocks of _BLOCK
     elements accumulated in the input dtype (full-width SIMD lanes, no float64 conversions),
     added up in float64; g = dy * act'(z), z = (x - mh) * a + b from non-reassociating helpers;
-    SiLU/GELU park g in gs. The block loop is in here, not in the caller: a call per block cost
-    the fused backward kernels 7-19% (the call and each loop's set-up, per 256 elements)."""
+    SiLU/GELU park g in gs. The block loop is in here, not in the caller: without a call per
+    block the fused backward kernels measured 1.00-1.12x faster (`spot_checks.py kernel-ab --act`)."""
     s64 = 0.0
     t64 = 0.0
     for e0 in range(s0, s1, _BLOCK):
