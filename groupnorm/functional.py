@@ -296,14 +296,16 @@ def group_norm(
     if _is_expanded_weight(weight) or _is_expanded_weight(bias):
         # per-sample gradients by torch's ExpandedWeights (call_for_per_sample_grads, Opacus'
         # grad_sample_mode="ew"): they handle torch's group_norm, not our op
-        if bias is None and _is_expanded_weight(weight):
+        if _is_expanded_weight(weight) and not _is_expanded_weight(bias):
             # torch 2.13's expanded group_norm fails in backward without an expanded bias (it reads
-            # ctx.bias, set only for one): a zero one, whose per-sample gradient nobody reads
-            zero = torch.zeros(input.shape[1], dtype=weight.dtype, device=weight.device, requires_grad=True)
-            bias = type(weight)(zero, weight.batch_size, weight.loss_reduction)
+            # ctx.bias, set only for one; a frozen bias is not expanded): a stand-in with the bias's
+            # values, or zeros, whose per-sample gradient nobody reads
+            stand_in = torch.zeros(input.shape[1], dtype=weight.dtype, device=weight.device) if bias is None else bias.detach()
+            bias = type(weight)(stand_in.clone().requires_grad_(), weight.batch_size, weight.loss_reduction)
             bias.allow_smaller_batches = weight.allow_smaller_batches
-        y = torch.nn.functional.group_norm(input, num_groups, weight, bias, eps)
-        return y if act == "none" else _TORCH_ACTIVATIONS[act](y)
+        from groupnorm.backends.composite import activate
+
+        return activate(torch.nn.functional.group_norm(input, num_groups, weight, bias, eps), act)
     if _functorch_active() or _fwad._current_level >= 0:
         # vmap / grad / jvp (per-sample gradients) and forward-mode AD (torch.autograd.forward_ad):
         # PyTorch ops they can transform (the kernels would drop tangents)
@@ -323,17 +325,16 @@ def group_norm(
 
 
 _LANE_CODES = {None: 0, **backends.ACT_CODES}
-_TORCH_ACTIVATIONS = {"relu": torch.relu, "silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}
 _PARAM_TYPES = (Tensor, torch.nn.Parameter)
+_is_compiling = torch.compiler.is_compiling
+_tracing_state = torch._C._get_tracing_state
+_functorch_probe = getattr(torch._C, "_are_functorch_transforms_active", None)
 
 
 def _is_expanded_weight(t) -> bool:
     """t is one of torch's ExpandedWeight tensors (torch.nn.utils._expanded_weights): a parameter
     wrapped for per-sample gradients, which only the torch functions it knows may receive."""
     return t is not None and type(t).__name__ == "ExpandedWeight" and type(t).__module__.startswith("torch.nn.utils._expanded")
-_is_compiling = torch.compiler.is_compiling
-_tracing_state = torch._C._get_tracing_state
-_functorch_probe = getattr(torch._C, "_are_functorch_transforms_active", None)
 
 
 def try_front(input, num_groups, weight, bias, eps, activation) -> Optional[Tensor]:

@@ -188,7 +188,8 @@ def kernel_ab(old_root: str, which: str, shapes: list, threads: int, act: str = 
         if act != "none":  # ATen has no fused activation: its op and torch's activation op, both ways
             fn = {"relu": torch.relu, "silu": F.silu, "gelu": F.gelu}[act]
             z = torch.ops.aten.native_group_norm(xt, wt, bt, N, C, S, G, 1e-5)[0]
-            act_bwd = {"relu": lambda: torch.ops.aten.threshold_backward(dyt, torch.relu(z), 0),
+            rz = torch.relu(z)  # autograd saves ReLU's output: not recomputed per call
+            act_bwd = {"relu": lambda: torch.ops.aten.threshold_backward(dyt, rz, 0),
                        "silu": lambda: torch.ops.aten.silu_backward(dyt, z),
                        "gelu": lambda: torch.ops.aten.gelu_backward(dyt, z)}[act]
             cases["aten"] = (lambda: fn(torch.ops.aten.native_group_norm(xt, wt, bt, N, C, S, G, 1e-5)[0])) if which == "fwd" \
@@ -639,10 +640,19 @@ def exp_poly(old_root: str | None, rounds: int) -> None:
     """The float32 exp of the fused activations: the fitted degree-6 coefficients (as cpu._vexp holds
     them), the relative error of _vexp over [-87, 88], and a SiLU loop's speed, this checkout against
     an older one (--old)."""
+    import inspect
+    import re
+
     c = _fit_exp(6)
-    print("degree-6 fit, c0..c6 as float32: " + ", ".join(repr(float(np.float32(v))) for v in c))
+    c32 = [float(np.float32(v)) for v in c]
+    print("degree-6 fit, c0..c6 as float32: " + ", ".join(repr(v) for v in c32))
+    # the literals in cpu._vexp (highest degree first, as Horner's rule reads them)
+    literals = [float(v) for v in re.findall(r"p = (?:p \* r \+ )?np\.float32\(([-0-9.e]+)\)", inspect.getsource(cpu._vexp_impl))]
+    print(f"  the same as cpu._vexp's coefficients: {literals[::-1] == c32}")
     r = np.linspace(-math.log(2) / 2, math.log(2) / 2, 200001)
-    print(f"  max relative error of the fit in float64 on |r| <= ln2/2: {np.max(np.abs(np.polyval(c[::-1], r) / np.exp(r) - 1)):.2e}")
+    for label, coef in (("float64", c), ("float32-rounded", np.array(c32))):
+        err = np.max(np.abs(np.polyval(coef[::-1], r) / np.exp(r) - 1))
+        print(f"  max relative error on |r| <= ln2/2, {label} coefficients evaluated in float64: {err:.2e}")
     modules = {"this checkout": cpu}
     if old_root:
         modules = {"older checkout": _load_old_cpu(old_root), **modules}

@@ -283,29 +283,37 @@ def test_per_sample_gradients_with_torch_func():
 
 
 @pytest.mark.parametrize("activation", [None, "relu", "silu", "gelu"])
-@pytest.mark.parametrize("affine", ["both", "weight only"])
+@pytest.mark.parametrize("affine", ["both", "weight only", "frozen bias", "frozen weight"])
 def test_per_sample_gradients_with_expanded_weights(activation, affine):
     """torch's ExpandedWeights (call_for_per_sample_grads; Opacus' grad_sample_mode="ew") wrap every
-    parameter; found in session 8: our op refused them ("Expanded Weights encountered but cannot
-    handle function try_group_norm"). Each sample's gradient against that sample's own backward."""
+    trainable parameter; found in session 8: our op refused them ("Expanded Weights encountered but
+    cannot handle function try_group_norm"), and torch's own expanded group_norm fails in backward
+    when the bias is missing or frozen. Each sample's gradient against that sample's own backward."""
     from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
 
     from groupnorm import GroupNorm
 
     torch.manual_seed(3)
-    norm = GroupNorm(4, 8, activation=activation, bias=affine == "both")
+    norm = GroupNorm(4, 8, activation=activation, bias=affine != "weight only")
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), norm, torch.nn.Flatten(), torch.nn.Linear(8 * 16, 3))
     with torch.no_grad():
         norm.weight.normal_()
+        if norm.bias is not None:
+            norm.bias.normal_()
+    if affine.startswith("frozen"):
+        getattr(norm, affine.split()[1]).requires_grad_(False)
     x, y = torch.randn(5, 3, 6, 6), torch.tensor([0, 1, 2, 0, 1])
     out = call_for_per_sample_grads(model, loss_reduction="sum")(x)
     torch.nn.functional.cross_entropy(out, y, reduction="sum").backward()
-    got = {name: p.grad_sample.clone() for name, p in model.named_parameters()}
-    assert set(got) == {name for name, _ in model.named_parameters()} and ("1.bias" in got) == (affine == "both")
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    got = {name: p.grad_sample.clone() for name, p in trained.items()}
+    expected = {"both": {"1.weight", "1.bias"}, "weight only": {"1.weight"}, "frozen bias": {"1.weight"},
+                "frozen weight": {"1.bias"}}[affine]
+    assert {n for n in got if n.startswith("1.")} == expected
     for i in range(5):
         model.zero_grad()
         torch.nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1], reduction="sum").backward()
-        for name, p in model.named_parameters():
+        for name, p in trained.items():
             torch.testing.assert_close(got[name][i], p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 

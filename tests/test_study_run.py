@@ -242,6 +242,8 @@ def test_bn_noise_probe_follows_the_worker_sampling():
     cls = probe_indices(labels, 64, 8, "class")
     assert len(cls) == 64  # 16 per class: 64 // 4 rounded down to a multiple of 8
     assert all(len(set(labels[chunk].tolist())) == 1 for chunk in cls.view(-1, 8))
+    # shuffled one-class chunks: SyncBN's statistics batch (W = 4 chunks) mixes classes, as training's does
+    assert any(len(set(labels[chunk].tolist())) > 1 for chunk in cls.view(-1, 32))
     assert len(probe_indices(labels, 64, 32, "class")) == 4 * 32  # at least one batch per class
     assert len(probe_indices(labels, 64, 64, "class")) == 0  # no class has 64 images
 
@@ -251,6 +253,7 @@ def test_bn_noise_probe_follows_the_worker_sampling():
     iid_err = batch_stat_noise(model, x[iid], 8)[0]["mean_rel_err"]
     cls_err = batch_stat_noise(model, x[cls], 8)[0]["mean_rel_err"]
     assert cls_err > 0.5 > iid_err and cls_err > 3 * iid_err, (iid_err, cls_err)
+    assert batch_stat_noise(model, x[cls], 32)[0]["mean_rel_err"] < cls_err  # SyncBN's W x N chunks
     assert batch_stat_noise(model, x[:4], 8) == []  # fewer images than a batch
 
 
@@ -273,3 +276,23 @@ def test_final_epochs_reads_the_same_runs(tmp_path, capsys):
     assert "done: val error" not in err  # nothing trained again
     assert read_records(out) == first and len(first) == 3
     assert "median of the last 1 epochs" in (out / "summary.md").read_text()
+
+
+def test_report_keeps_only_bn_noise_probed_like_the_run():
+    """Records from before the probe followed the sampling and SyncBN's batch carry no tag: they
+    count for BN's iid runs only."""
+    from groupnorm.study.report import run_results
+
+    def rec(norm, sampling, tag):
+        r = {"config": "c", "norm": norm, "sampling": sampling, "batch": 2, "seed": 0, "epoch": 1, "val_error": 1.0,
+             "train_error": 1.0, "epoch_seconds": 1.0, "bn_noise": [{"layer": "x", "mean_rel_err": 0.1, "var_rel_err": 0.2}]}
+        if tag:
+            r["bn_noise_probe"] = sampling
+        return r
+
+    untagged = {k[:2]: v["bn_noise"] is not None for k, v in run_results(
+        [rec(n, s, False) for n in ("bn", "syncbn") for s in ("iid", "class")], "c", 1).items()}
+    assert untagged == {("iid", "bn"): True, ("class", "bn"): False, ("iid", "syncbn"): False, ("class", "syncbn"): False}
+    tagged = {k[:2]: v["bn_noise"] is not None for k, v in run_results(
+        [rec(n, s, True) for n in ("bn", "syncbn") for s in ("iid", "class")], "c", 1).items()}
+    assert all(tagged.values()) and len(tagged) == 4

@@ -35,9 +35,10 @@ def run_results(records: list[dict], config: str, final_epochs: int, epochs: int
         if epochs is not None and len(recs) < epochs:
             continue  # unfinished run
         last = recs[-final_epochs:]
-        # the probe's chunks follow the run's worker sampling; class runs' records without the tag
-        # (before session 8) were probed with iid chunks and are left out
-        noise = [r["bn_noise"] for r in recs if "bn_noise" in r and r.get("bn_noise_probe", "iid") == key[0]]
+        # the probe's chunks follow the run's worker sampling and SyncBN's global batch; records
+        # without the tag (before session 8) are right only for BN's iid runs, the rest are left out
+        untagged = "iid" if key[1] == "bn" else None
+        noise = [r["bn_noise"] for r in recs if "bn_noise" in r and r.get("bn_noise_probe", untagged) == key[0]]
         out[key] = {
             "val_error": statistics.median(r["val_error"] for r in last),
             "train_error": statistics.median(r["train_error"] for r in last),

@@ -175,19 +175,22 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mean, std, chun
 def probe_indices(labels: torch.Tensor, size: int, batch: int, sampling: str) -> torch.Tensor:
     """Training images for the BN-noise probe, ordered so that its consecutive chunks of ``batch``
     are batches like the run's workers get: ``iid``, ``size`` random images; ``class``, per class a
-    random multiple of ``batch`` of its images (about size / classes, at least ``batch``), class
-    after class, so that every chunk holds one class."""
+    random multiple of ``batch`` of its images (about size / classes, at least ``batch``), cut into
+    one-class chunks of ``batch`` that are then shuffled, as epoch_order deals them to workers (so
+    W consecutive chunks, SyncBN's statistics batch, mix classes as a global batch does)."""
     g = torch.Generator().manual_seed(12345)
     if sampling == "iid":
         return torch.randperm(len(labels), generator=g)[:size]
     classes = torch.unique(labels)
     per_class = max(batch, size // len(classes) // batch * batch)
-    parts = []
+    chunks = []
     for c in classes:
         idx = torch.nonzero(labels == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=g)]
-        parts.append(idx[: min(per_class, len(idx) // batch * batch)])
-    return torch.cat(parts)
+        idx = idx[: min(per_class, len(idx) // batch * batch)]
+        chunks.append(idx.view(-1, batch))
+    chunks = torch.cat(chunks)
+    return chunks[torch.randperm(len(chunks), generator=g)].flatten()
 
 
 @torch.no_grad()
@@ -398,8 +401,9 @@ def train_run(recipe: Recipe, run: Run, ds: DataSet, checkpoint: str | None = No
             record["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(dev)
         probe_epochs = {1, max(1, recipe.epochs // 2), recipe.epochs}
         if run.norm in BATCH_NORMS and epoch + 1 in probe_epochs:
-            record["bn_noise"] = batch_stat_noise(model, probe, N)
-            record["bn_noise_probe"] = run.sampling  # records from before it probed class runs with iid chunks
+            # BN normalizes with each worker's N images, SyncBN with the global batch's W x N
+            record["bn_noise"] = batch_stat_noise(model, probe, W * N if run.norm == "syncbn" else N)
+            record["bn_noise_probe"] = run.sampling  # untagged records: iid chunks of N for every run
         history.append(record)
         if checkpoint and d.is_main:
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
