@@ -409,11 +409,11 @@ def test_opacus_per_sample_grads_equal_single_sample_grads(layer):
 
 
 def test_opacus_expanded_weights_mode_trains_a_gn_model():
-    """Opacus' grad_sample_mode="ew" (torch's ExpandedWeights) next to its default hooks: the same
-    per-sample gradients of the GN layer's gamma and beta."""
+    """Opacus' grad_sample_mode="ew" (torch's ExpandedWeights) and "functorch" next to its default
+    hooks: the same per-sample gradients of the GN layer's gamma and beta."""
     opacus = pytest.importorskip("opacus")
     grads = {}
-    for mode in ("hooks", "ew"):
+    for mode in ("hooks", "functorch", "ew"):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Conv2d(3, 8, 3), GroupNorm(4, 8, activation="silu"), nn.Flatten(), nn.Linear(8 * 36, 2))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -428,15 +428,17 @@ def test_opacus_expanded_weights_mode_trains_a_gn_model():
         grads[mode] = [model[1].weight.grad_sample.clone(), model[1].bias.grad_sample.clone()]
         assert grads[mode][0].shape == (3, 8)
         optimizer.step()
-    for got, exp in zip(grads["ew"], grads["hooks"]):
-        torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-4)
+    for mode in ("functorch", "ew"):
+        for got, exp in zip(grads[mode], grads["hooks"]):
+            torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-4)
 
 
 def test_opacus_per_sample_grads_of_a_weight_standardized_conv():
-    """GN+WS under Opacus: hooks (Opacus' default) give StdConv2d's true per-sample gradients (those
-    of the raw weight, through the standardization); ExpandedWeights ("ew") cannot, and say so."""
+    """GN+WS under Opacus: hooks (Opacus' default) and functorch give StdConv2d's true per-sample
+    gradients (those of the raw weight, through the standardization); ExpandedWeights ("ew") cannot,
+    and say so."""
     opacus = pytest.importorskip("opacus")
-    for mode in ("hooks", "ew"):
+    for mode in ("hooks", "functorch", "ew"):
         torch.manual_seed(0)
         bn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 2))
         model = convert_batchnorm(bn, weight_standardization=True)
