@@ -114,8 +114,11 @@ def test_parallel_study_stops_on_ctrl_c_and_dies_with_its_process(tmp_path):
         out = tmp_path / how.replace(" ", "")
         args = tiny_args(data, out, "--epochs", "6", "--seeds", "2").copy()
         args[args.index("--jobs") + 1] = "2"
+        # SIGINT back to its default in the child: a suite started in the background (`cmd &`) inherits
+        # it ignored, and Python then installs no Ctrl-C handler (found when CI was run that way)
         proc = subprocess.Popen([sys.executable, "-m", "groupnorm.study.cli", *args], env=env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.time() + 180
             while time.time() < deadline and not list(out.glob("runs/*/*/checkpoint.pt")):
