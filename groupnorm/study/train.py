@@ -195,12 +195,12 @@ def probe_indices(labels: torch.Tensor, size: int, batch: int, sampling: str) ->
 
 @torch.no_grad()
 def batch_stat_noise(model: nn.Module, probe: torch.Tensor, batch: int, eps: float = 1e-5) -> list[dict]:
-    """Per norm layer: how far per-worker batch statistics stray from the population's.
+    """Per norm layer: how far the batch statistics a norm trains with stray from the population's.
 
     The model runs in eval mode on the fixed probe set; at each norm layer's input the
     population mean/variance per channel are taken over the whole probe, and the batch ones over
-    each chunk of ``batch`` probe images (chunks of one class for class-sorted runs: see
-    probe_indices). Reported: mean over chunks and channels of
+    each chunk of ``batch`` probe images (the caller's statistics batch: N for BN, W x N for SyncBN;
+    probe_indices orders the probe like the run's batches). Reported: mean over chunks and channels of
     |mu_B - mu| / sigma and |var_B - var| / var (relative errors of the mean and variance).
     """
     inputs = []
