@@ -364,14 +364,15 @@ class _StdConvMixin:
         self.eps = float(eps)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if _is_expanded_weight(self.weight):
+        weight = self.weight
+        if _is_expanded_weight(weight):
             raise RuntimeError(
                 f"{type(self).__name__} cannot run under torch's ExpandedWeights (Opacus' grad_sample_mode='ew'): "
                 "they differentiate only the torch functions they know (conv, linear, the norms) with respect to "
                 "the parameter given to them, and this layer standardizes its weight before the conv; use Opacus' "
                 "default grad_sample_mode='hooks' (or 'functorch'), which give this layer's per-sample gradients"
             )
-        return self._conv_forward(input, standardize_weight(self.weight, self.eps), self.bias)
+        return self._conv_forward(input, standardize_weight(weight, self.eps), self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", eps={self.eps}"
