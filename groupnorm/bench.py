@@ -462,6 +462,8 @@ def machine_info(device: str) -> dict:
         "command": "groupnorm " + " ".join(sys.argv[1:]) if "bench" in sys.argv[1:2] else "",
         "malloc": {k: os.environ[k] for k in STEADY_MALLOC if k in os.environ} or "default",
     }
+    if hasattr(os, "getloadavg"):
+        info["load_average_at_start"] = round(os.getloadavg()[0], 2)
     try:
         import numba
 
@@ -485,13 +487,41 @@ def machine_info(device: str) -> dict:
 
 
 def _cpu_model() -> str:
+    """The model name, with the vendor's family/model numbers and the widest vector ISA where
+    /proc/cpuinfo has them (VMs often say only "AMD EPYC", which covers several generations)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if not line.strip():
+                break  # the first CPU is enough
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    name = fields.get("model name") or platform.processor() or "unknown"
+    extra = []
+    if "cpu family" in fields and "model" in fields:
+        extra.append(f"family {fields['cpu family']} model {fields['model']}")
+    flags = set(fields.get("flags", "").split())
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "neon" if "asimd" in flags else ""
+    if isa:
+        extra.append(isa.upper())
+    return name + (f" ({', '.join(extra)})" if extra else "")
+
+
+def busy_warning(threads: int) -> str | None:
+    """A warning when other work keeps the cores busy: a parallel region waits for its slowest thread,
+    and with a core taken, multi-thread medians come out as scheduler slices (multiples of ~4-8 ms)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # pragma: no cover - no load average on this OS
+        return None
+    cores = os.cpu_count() or 1
+    if threads > 1 and load >= max(1.0, 0.5 * cores):
+        return (f"the machine is busy (load average {load:.1f} on {cores} CPUs) before the benchmark starts: "
+                f"{threads}-thread timings stall whenever another process holds a core; stop that work, or "
+                "compare per-core speed with --threads 1")
+    return None
 
 
 def write_outputs(out: Path, info, rows, train_rows, targets, plot: bool) -> list[Path]:
@@ -613,6 +643,9 @@ def main(args) -> int:
           + (f", native fast lane {info.get('native_fast_lane')}" if device == "cpu" else "")
           + (f", malloc {'steady' if info['malloc'] != 'default' else 'default (see --steady-malloc)'}" if device == "cpu" else "")
           + f"; {args.repeats} interleaved rounds, medians", flush=True)
+    busy = busy_warning(torch.get_num_threads()) if device == "cpu" else None
+    if busy:
+        print(f"groupnorm bench: warning: {busy}", file=sys.stderr, flush=True)
 
     rows = []
     if args.train != "only":
@@ -642,7 +675,7 @@ def main(args) -> int:
         print("\ntraining step (forward, backward, SGD)")
         print(_fmt_table(train_rows, TRAIN_COLS, TRAIN_FMTS))
     if targets:
-        print("\ntargets")
+        print("\ntargets (the goals this project set its CPU kernels against torch.nn.GroupNorm; BENCHMARKS.md)")
         for t in targets:
             print(f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['detail']}")
     if args.out is not None:

@@ -28,9 +28,12 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils import parametrize
 
 from groupnorm.groups import check_request, resolve_groups
-from groupnorm.layers import GroupNorm, GroupNormAct, StdConv1d, StdConv2d, StdConv3d, conv_fan_in, fused_activation
+from groupnorm.layers import (
+    GroupNorm, GroupNormAct, StdConv1d, StdConv2d, StdConv3d, _StdConvMixin, conv_fan_in, fused_activation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +83,7 @@ class ConversionSummary(list):
         lines = [f"converted {len(norms)} BatchNorm layer(s) to GroupNorm"
                  + (f" and {len(convs)} convolution(s) to weight-standardized ones" if convs else "")]
         if norms:
-            width = max(len(r.name or "<root>") for r in norms)
+            width = max(len("layer"), *(len(r.name or "<root>") for r in norms))
             lines.append(f"  {'layer':<{width}}  {'was':<18} {'C':>5} {'G':>4} {'C/G':>4}  eps      affine")
             for r in norms:
                 lines.append(f"  {r.name or '<root>':<{width}}  {r.old_type:<18} {r.num_channels:>5} {r.num_groups:>4} "
@@ -149,11 +152,16 @@ def _build_stdconv(conv: nn.Module) -> nn.Module:
     return new
 
 
+def _conv_base(m: nn.Module) -> type:
+    """The class a convolution was built as: torch.nn.utils.parametrize swaps in a generated
+    subclass (ParametrizedConv2d), which still counts as the plain conv it wraps."""
+    cls = type(m)
+    return cls.__bases__[0] if parametrize.is_parametrized(m) and cls.__bases__ else cls
+
+
 def _check_plain_weight(name: str, m: nn.Module, weight_standardization: bool) -> None:
     """Refuse, before anything changes, a layer whose weight is not a plain Parameter (weight norm,
     torch.nn.utils.parametrize): moving it into the new layer would fail half-way through."""
-    from torch.nn.utils import parametrize
-
     where = f"{type(m).__name__} at {name or '<root>'!r}"
     if parametrize.is_parametrized(m):
         raise ValueError(
@@ -185,7 +193,7 @@ def _named_tree(module: nn.Module, prefix: str = "", seen: set | None = None) ->
 
 def convert_batchnorm(
     module: nn.Module,
-    num_groups: int | None = 32,
+    num_groups: int | None = None,
     *,
     group_size: int | None = None,
     policy: str = "divisor",
@@ -203,9 +211,8 @@ def convert_batchnorm(
 
     Args:
         module: the model (any ``nn.Module``).
-        num_groups: requested groups per layer (the paper's 32).
-        group_size: request channels per group instead (e.g. 16); the default ``num_groups`` then
-            steps aside, while an explicit ``num_groups`` other than 32 with it is an error.
+        num_groups: requested groups per layer; None (with no ``group_size``) means the paper's 32.
+        group_size: request channels per group instead (e.g. 16); giving both is an error.
         policy: how each layer's G is chosen when C does not fit the request (see
             ``groupnorm.groups``): "divisor" (default) takes the largest divisor of C not above
             the request, "gcd" gcd(C, request) as Opacus' fixer does, "strict" raises.
@@ -233,14 +240,15 @@ def convert_batchnorm(
             f"convert_batchnorm expects a torch.nn.Module, got {type(module).__module__}.{type(module).__qualname__}; "
             "pass the model itself (e.g. convert_batchnorm(model)), not its state_dict or parameters"
         )
-    if group_size is not None and num_groups == 32:
-        num_groups = None  # group_size alone overrides the default num_groups
+    if num_groups is None and group_size is None:
+        num_groups = 32  # the paper's choice
     _check_request(num_groups, group_size, policy, min_group_size, eps)
     request = dict(num_groups=num_groups, group_size=group_size, policy=policy, min_group_size=min_group_size)
 
     # Plan: resolve every layer first so that an impossible request raises before any change.
     plan: dict[int, tuple[str, nn.Module, Callable[[], nn.Module], Replacement]] = {}
     skipped_convs: list[str] = []
+    other_convs: list[str] = []  # subclasses of nn.ConvNd: their forward may not be the plain conv's
     for name, m in _named_tree(module):
         if _is_uninitialized(m):
             if isinstance(m, _BatchNorm) or (weight_standardization and isinstance(m, nn.modules.conv._ConvNd)):
@@ -262,7 +270,10 @@ def convert_batchnorm(
             new_type = GroupNormAct.__name__ if _split_children(m)[1] else GroupNorm.__name__
             row = Replacement(name, type(m).__name__, new_type, C, G, float(layer_eps), m.affine)
             plan[id(m)] = (name, m, lambda m=m, C=C, e=layer_eps: _build_groupnorm(m, C, request, e), row)
-        elif weight_standardization and type(m) in _STD_CONVS:
+        elif weight_standardization and isinstance(m, tuple(_STD_CONVS)) and not isinstance(m, _StdConvMixin):
+            if _conv_base(m) not in _STD_CONVS:
+                other_convs.append(f"{name or '<root>'!r} ({type(m).__name__})")
+                continue
             if conv_fan_in(m) == 1:
                 skipped_convs.append(name)
                 continue
@@ -313,6 +324,14 @@ def convert_batchnorm(
             f"weight standardization skipped {len(skipped_convs)} convolution(s) with one weight per filter "
             f"({', '.join(repr(n) for n in skipped_convs[:5])}{' ...' if len(skipped_convs) > 5 else ''}): "
             "standardizing a single weight gives 0, which would silence the layer; they stay plain convolutions",
+            stacklevel=2,
+        )
+    if other_convs:
+        warnings.warn(
+            f"weight standardization left {len(other_convs)} convolution subclass(es) plain "
+            f"({', '.join(other_convs[:5])}{' ...' if len(other_convs) > 5 else ''}): only exact nn.Conv1d/2d/3d "
+            "are swapped, since a subclass may change what its forward computes; give such a layer "
+            "standardized weights in its own code (groupnorm.layers.standardize_weight(self.weight, 1e-6))",
             stacklevel=2,
         )
     # BatchNorm1d after a Linear normalizes (N, C) features, where GroupNorm sees only C/G values per group

@@ -8,8 +8,10 @@ The backend is resolved when the op runs (see ``groupnorm.backends``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import warnings
 from typing import Optional
 
 import torch
@@ -203,6 +205,16 @@ def differentiable_grads(dy, x, weight, bias, num_groups, eps, activation, mask)
 
 
 # ----------------------------------------------------------------------------- the public function
+@contextlib.contextmanager
+def quiet_trace_checks():
+    """Under torch.jit.trace, the argument checks compare traced sizes, and each comparison warns
+    that the trace treats it as a constant. They only validate: the traced program records the
+    registered op, which checks its arguments on every call, so those warnings are noise."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
+
+
 def _check_param(name: str, p, x: Tensor) -> None:
     if p is None:
         return
@@ -282,7 +294,11 @@ def group_norm(
         y = try_front(input, num_groups, weight, bias, eps, activation)
         if y is not None:
             return y
-    act = check_inputs(input, num_groups, weight, bias, eps, activation)
+    if _tracing_state() is None:
+        act = check_inputs(input, num_groups, weight, bias, eps, activation)
+    else:
+        with quiet_trace_checks():
+            act = check_inputs(input, num_groups, weight, bias, eps, activation)
     if not isinstance(num_groups, torch.SymInt):
         num_groups = int(num_groups)  # numpy integers
     name = backend or ""  # "" : resolved when the op runs (use_backend context, env var, auto)

@@ -16,7 +16,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from groupnorm.functional import _is_expanded_weight, group_norm
+from groupnorm.functional import _is_expanded_weight, _tracing_state, group_norm, quiet_trace_checks
 from groupnorm.groups import check_request, resolve_groups
 
 
@@ -64,7 +64,8 @@ class GroupNorm(nn.GroupNorm):
         activation: None, "relu", "silu" or "gelu", fused after the affine.
         policy: what to do when C is not divisible: "strict" (error), "divisor", "gcd"
             (see ``groupnorm.groups``). The G actually used is ``self.num_groups``.
-        min_group_size: under "divisor"/"gcd", the fewest channels a group may get.
+        min_group_size: under "divisor"/"gcd", the fewest channels a group may get (default 2, as
+            ``convert_batchnorm``; "strict" never changes an exact request).
         device, dtype: of the parameters (positional, as in torch).
     """
 
@@ -83,7 +84,7 @@ class GroupNorm(nn.GroupNorm):
         group_size: int | None = None,
         activation: str | None = None,
         policy: str = "strict",
-        min_group_size: int = 1,
+        min_group_size: int = 2,
     ) -> None:
         if num_channels is None:
             raise TypeError("GroupNorm needs num_channels, e.g. GroupNorm(32, 256) or GroupNorm(num_channels=256, group_size=16)")
@@ -110,6 +111,11 @@ class GroupNorm(nn.GroupNorm):
 
     @torch.jit.unused
     def _eager_forward(self, input: torch.Tensor) -> torch.Tensor:
+        if _tracing_state() is not None:  # torch.jit.trace: checked as eager calls are, without TracerWarnings
+            with quiet_trace_checks():
+                return _layer_group_norm(
+                    input, self.num_channels, self.num_groups, self.weight, self.bias, self.eps, self.activation
+                )
         if type(input) is torch.Tensor and input.dim() >= 2 and input.shape[1] == self.num_channels:
             p = self._parameters
             if type(self) in _PLAIN_LAYERS and "weight" in p and "bias" in p:
@@ -296,7 +302,7 @@ def norm_layer(
     act_layer=None,
     act_kwargs: dict | None = None,
     policy: str = "strict",
-    min_group_size: int = 1,
+    min_group_size: int = 2,
 ) -> functools.partial:
     """A ``norm_layer=`` factory for torchvision/timm-style models: called with the channel count.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -156,3 +157,23 @@ def test_bad_arguments_fail_at_once_with_the_fix(argv, message, tmp_path, capsys
     assert main(["bench", *[a.format(file=file) for a in argv]]) == 2
     captured = capsys.readouterr()
     assert message in captured.err and "groupnorm bench on" not in captured.out
+
+
+def test_a_busy_machine_is_named_before_multi_thread_timings(monkeypatch):
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (1.6, 1.0, 1.0))
+    message = bench.busy_warning(2)
+    assert "load average 1.6 on 2 CPUs" in message and "--threads 1" in message
+    assert bench.busy_warning(1) is None  # one thread does not wait for a second core
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (0.3, 1.0, 1.0))
+    assert bench.busy_warning(2) is None
+
+
+def test_cpu_model_names_the_generation_and_vector_width():
+    model = bench._cpu_model()
+    assert model and model != "unknown"
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if " avx512f" in flags:
+        assert "AVX512" in model
+    elif " avx2" in flags:
+        assert "AVX2" in model

@@ -226,7 +226,7 @@ def test_strict_policy_error_names_the_layer_and_leaves_the_model_alone():
     (lambda: convert_batchnorm({"w": torch.ones(1)}), TypeError, r"expects a torch.nn.Module, got builtins.dict.*state_dict"),
     (lambda: convert_batchnorm(torch.ones(3)), TypeError, "expects a torch.nn.Module"),
     (lambda: convert_batchnorm(small_cnn(), 8, group_size=4), ValueError, "not both"),
-    (lambda: convert_batchnorm(small_cnn(), None), ValueError, "give num_groups"),
+    (lambda: convert_batchnorm(small_cnn(), 32, group_size=16), ValueError, "not both"),  # 32 given is 32 asked
     (lambda: convert_batchnorm(small_cnn(), 0), ValueError, "num_groups must be a positive int"),
     (lambda: convert_batchnorm(small_cnn(), policy="nearest"), ValueError, "unknown group policy 'nearest'"),
     (lambda: convert_batchnorm(small_cnn(), eps=-1.0), ValueError, "eps must be a positive number"),
@@ -247,6 +247,8 @@ def test_summary_is_returned_logged_and_printed(caplog, capsys):
     printed = capsys.readouterr().out
     assert printed.startswith("converted 2 BatchNorm layer(s)") and "48   24" in printed
     assert str(summary) in printed
+    header, row = printed.splitlines()[1:3]  # columns line up under short layer names too
+    assert header.index("was") == row.index("BatchNorm2d") and header.index("affine") == row.index("True")
 
 
 def test_weight_standardization_swaps_convs_and_keeps_their_weights():
@@ -492,6 +494,24 @@ def test_weight_norm_and_parametrized_layers_are_refused_before_any_change():
     with pytest.raises(ValueError, match=r"at '1' has parametrized tensors \(weight\).*remove_parametrizations"):
         convert_batchnorm(model)
     assert type(model[0]) is nn.BatchNorm2d
+
+    # a conv under torch.nn.utils.parametrizations (a generated ParametrizedConv2d subclass) is refused too
+    conv = torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(8, 8, 3))
+    model = nn.Sequential(nn.BatchNorm2d(8), conv)
+    with pytest.raises(ValueError, match=r"ParametrizedConv2d at '1' has parametrized tensors \(weight\)"):
+        convert_batchnorm(model, weight_standardization=True)
+    assert type(model[0]) is nn.BatchNorm2d and model[1] is conv
+    assert type(convert_batchnorm(model)[0]) is GroupNorm and model[1] is conv  # without WS: untouched
+
+
+def test_weight_standardization_names_the_conv_subclasses_it_leaves_plain():
+    class SamePadConv(nn.Conv2d):  # e.g. timm's Conv2dSame: its own forward
+        pass
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), SamePadConv(8, 8, 3), StdConv2d(8, 8, 3))
+    with pytest.warns(UserWarning, match=r"left 1 convolution subclass\(es\) plain \('2' \(SamePadConv\)\)"):
+        convert_batchnorm(model, num_groups=4, weight_standardization=True)
+    assert [type(m) for m in model] == [StdConv2d, GroupNorm, SamePadConv, StdConv2d]
 
 
 def test_weight_standardization_leaves_one_weight_filters_plain_and_says_so():

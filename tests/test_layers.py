@@ -79,6 +79,11 @@ def test_norm_layer_factory_like_torchvision_and_timm():
     assert by_size(64).num_groups == 4 and by_size(256).num_groups == 16
     relaxed = norm_layer(32, policy="divisor", min_group_size=4)
     assert relaxed(48).num_groups == 12 and relaxed(16).num_groups == 4
+    # the relaxed policy keeps convert_batchnorm's guard against one channel per group (Instance Norm)
+    assert norm_layer(32, policy="divisor")(16).num_groups == 8
+    assert GroupNorm(32, 16, policy="divisor").num_groups == 8
+    assert norm_layer(32, policy="divisor", min_group_size=1)(16).num_groups == 16
+    assert norm_layer(16)(16).num_groups == 16  # strict: an exact request stands
     assert pickle.loads(pickle.dumps(make))(64).num_groups == 32
     assert "num_groups=32" in repr(make)
     with pytest.raises(ValueError, match="group counts that work"):

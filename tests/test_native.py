@@ -353,7 +353,7 @@ def test_use_backend_in_another_thread_forces_only_that_thread():
     assert backends._contexts == 0 and not backends.forced()
 
 
-@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("error::torch.jit.TracerWarning")  # the checks must not warn while tracing
 def test_jit_trace_of_a_model_with_groupnorm(monkeypatch):
     """While tracing, group_norm records the registered op groupnorm::forward (not the C++ front, not
     the fast lane's op, which checks nothing: traced graphs get inputs group_norm() never saw)."""
@@ -395,7 +395,7 @@ def test_without_a_compiler_the_python_path_runs_and_status_says_why(tmp_path):
     assert cmd.returncode != 0 and "install g++" in cmd.stderr, cmd.stderr[-2000:]
 
 
-@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("error::torch.jit.TracerWarning")  # the checks must not warn while tracing
 def test_a_traced_layer_checks_new_inputs_and_loads_in_a_fresh_process(tmp_path):
     """Found in review: the traced graph used to hold the fast lane's unchecked op, so an empty or
     wrong-sized input crashed the process (SIGFPE/SIGSEGV) or read out of bounds, and a saved

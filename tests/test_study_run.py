@@ -182,6 +182,9 @@ def test_unwritable_out_is_a_clear_error_before_any_work(tmp_path, capsys):
         captured = capsys.readouterr()
         assert why in captured.err and "give a directory you can write to" in captured.err
         assert "runs (" not in captured.out  # failed before loading data or planning runs
+    # a folder mkdir refuses although the checks before it pass (as root, /proc looks writable)
+    assert cli.run(["--quick", "--out", "/proc/groupnorm-test-out", "--no-progress"]) == 2
+    assert "give a directory you can write to" in capsys.readouterr().err
 
 
 def test_help_shows_defaults():
@@ -277,8 +280,11 @@ def test_final_epochs_reads_the_same_runs(tmp_path, capsys):
     assert cli.run(tiny_args(data, out, *args, "--final-epochs", "1")) == 0
     err = capsys.readouterr().err
     assert "done: val error" not in err  # nothing trained again
+    assert "all 1 run(s) of recipe" in err and "already done" in err
     assert read_records(out) == first and len(first) == 3
     assert "median of the last 1 epochs" in (out / "summary.md").read_text()
+    assert cli.run(tiny_args(data, out, *args, "--final-epochs", "4")) == 2  # more than --epochs 3
+    assert "--final-epochs 4 is more than --epochs 3" in capsys.readouterr().err
 
 
 def test_report_keeps_only_bn_noise_probed_like_the_run():

@@ -152,6 +152,10 @@ def _fingerprint(path: str, ds) -> str:
             f"{ds.num_classes} classes | {h.hexdigest()[:12]}")
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _apply_quick(args: argparse.Namespace, argv: list[str]) -> None:
     given = {a.split("=")[0] for a in argv if a.startswith("--")}
     for key, value in QUICK.items():
@@ -178,7 +182,11 @@ def main(args: argparse.Namespace) -> int:
         print("error: --workers, --epochs and --seeds must be at least 1", file=sys.stderr)
         return 2
     if args.final_epochs > args.epochs:
-        args.final_epochs = args.epochs
+        if any(a.split("=")[0] == "--final-epochs" for a in argv):
+            print(f"error: --final-epochs {args.final_epochs} is more than --epochs {args.epochs} (the error reported "
+                  f"is the median of the last --final-epochs epochs); give at most {args.epochs}", file=sys.stderr)
+            return 2
+        args.final_epochs = args.epochs  # the default 3 with fewer epochs: all of them
     from groupnorm.cli import output_dir_problem
 
     problem = output_dir_problem(args.out) if Dist.from_env().is_main else None
@@ -225,16 +233,20 @@ def main(args: argparse.Namespace) -> int:
     study = Study(recipe, runs, args.out)
     jobs = args.jobs or cpu_count()
     command = " ".join(["groupnorm study", *(argv[1:] if argv[:1] == ["study"] else argv)])
-    if d.is_main:
-        print(f"{ds.describe()}\n{len(runs)} runs ({', '.join(args.norms)} x N={','.join(map(str, args.batch_sizes))}"
-              f" x {args.seeds} seed(s) x {','.join(args.worker_sampling)}), {args.workers} workers, "
-              f"{args.epochs} epochs, recipe {study.hash}, {jobs if not d.distributed else 1} job(s), "
-              f"output {args.out}/", flush=True)
     lock = FolderLock(args.out)
     try:
         if d.is_main:
-            args.out.mkdir(parents=True, exist_ok=True)
-            lock.acquire()
+            try:
+                args.out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                print(f"error: cannot create --out {args.out} ({e.strerror or e}); give a directory you can write to",
+                      file=sys.stderr)
+                return 2
+            lock.acquire()  # before the summary line: a refused study says only why
+            print(f"{ds.describe()}\n{_plural(len(runs), 'run')} ({', '.join(args.norms)} x "
+                  f"N={','.join(map(str, args.batch_sizes))} x {args.seeds} seed(s) x {','.join(args.worker_sampling)}), "
+                  f"{args.workers} workers, {args.epochs} epochs, recipe {study.hash}, "
+                  f"{jobs if not d.distributed else 1} job(s), output {args.out}/", flush=True)
         wall = study.run(jobs=jobs, resume=not args.no_resume, progress=not args.no_progress, threads=args.threads)
         if d.distributed:
             import torch.distributed as dist

@@ -197,7 +197,11 @@ def figure(summary: dict, path: Path, title: str = "") -> None:
 
     regimes, norms, batches = _axes(summary)
     has_noise = any(s["mean_rel_err"] is not None for s in summary.values())
-    fig, axes = plt.subplots(1, 2 if has_noise else 1, figsize=(11 if has_noise else 6, 4.2), squeeze=False)
+    series = len({k[:2] for k in summary})
+    crowded = series > 4  # legends go below the panels, not over the curves
+    rows = series if crowded else 0  # lines of the noise panel's legend: 2 entries a series, 2 columns
+    fig, axes = plt.subplots(1, 2 if has_noise else 1, figsize=(11 if has_noise else 6, 4.2 + 0.17 * rows),
+                             squeeze=False)
     ax = axes[0, 0]
     for regime in regimes:
         for norm in norms:
@@ -217,7 +221,7 @@ def figure(summary: dict, path: Path, title: str = "") -> None:
     ax.set_ylabel("validation error (%)")
     ax.set_title(title or "error vs per-worker batch size")
     ax.grid(alpha=0.3)
-    ax.legend()
+    _legend(ax, crowded)
     if has_noise:
         ax2 = axes[0, 1]
         for regime in regimes:
@@ -241,10 +245,17 @@ def figure(summary: dict, path: Path, title: str = "") -> None:
         ax2.set_ylabel("relative error of batch statistics")
         ax2.set_title("BN's batch statistics vs the population's\n(mean over layers, end of training)")
         ax2.grid(alpha=0.3, which="both")
-        ax2.legend(fontsize=7)
+        _legend(ax2, crowded, fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def _legend(ax, below: bool, fontsize=None) -> None:
+    if below:
+        ax.legend(fontsize=fontsize or 8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    else:
+        ax.legend(fontsize=fontsize)
 
 
 def curves(results: dict, path: Path) -> None:

@@ -267,6 +267,9 @@ class Study:
             box = [todo]
             torch.distributed.broadcast_object_list(box, src=0)
             todo = box[0]
+        if d.is_main and not todo:
+            print(f"all {len(self.runs)} run(s) of recipe {self.hash} are already done in {self.out}/: "
+                  "reading their results (--no-resume trains them again)", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         bars = _Bars(self, todo, jobs, enabled=progress and d.is_main, main=d.is_main)
         try:
@@ -371,24 +374,26 @@ class _Bars:
                 with self.lock:
                     self.runs_done += 1
                     print(f"[{self.runs_done}/{self.runs_total} runs, {(time.perf_counter() - self.t0) / 60:.1f} min] "
-                          f"{msg['run']} done: val error {msg['record']['val_error']:.1f}% at epoch {msg['epoch']}",
+                          f"{msg['run']} done: val error {msg['record']['val_error']:.1f}% at its last epoch ({msg['epoch']})",
                           file=sys.stderr, flush=True)
             return
         with self.lock:
             name = msg["run"]
             bar = self.per_run.get(name)
+            step = msg["event"] == "step"
+            total = msg["steps"] * msg["epochs"] if step else 1
+            done = (msg["epoch"] - 1) * msg["steps"] + msg["step"] if step else 0
             if bar is None:
                 slot = self.slots.pop(0) if self.slots else len(self.per_run) + 1
-                bar = self.tqdm(total=1, desc=f"  {name}", unit="step", position=slot, leave=False, dynamic_ncols=True)
+                # a resumed run starts at its first step not yet done: tqdm leaves `initial` out of the rate
+                bar = self.tqdm(total=total, initial=max(0, done - 1), desc=f"  {name}", unit="step", position=slot,
+                                leave=False, dynamic_ncols=True)
                 bar.slot = slot
                 self.per_run[name] = bar
-            if msg["event"] == "step":
-                total = msg["steps"] * msg["epochs"]
-                done = (msg["epoch"] - 1) * msg["steps"] + msg["step"]
+            if step:
                 bar.total = total
-                bar.n = done
                 bar.set_postfix_str(f"epoch {msg['epoch']}/{msg['epochs']}", refresh=False)
-                bar.refresh()
+                bar.update(done - bar.n)
             elif msg["event"] == "epoch":
                 rec = msg["record"]
                 self.total.update(1)

@@ -291,6 +291,18 @@ def _average_running_stats(model: nn.Module, d: Dist) -> None:
 
 # ----------------------------------------------------------------------------- the run
 
+
+def _no_buffer_sync() -> dict:
+    """DDP's keyword for "do not broadcast rank 0's buffers every forward" (BN's running statistics
+    are kept per worker while training, as the paper's per-GPU BN, and averaged before evaluation):
+    ``forward_sync_buffers`` where torch has it (it deprecates ``broadcast_buffers``); both still
+    sync once at construction."""
+    import inspect
+
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
 def train_run(recipe: Recipe, run: Run, ds: DataSet, checkpoint: str | None = None, progress=None,
               d: Dist | None = None, max_steps: int | None = None) -> list[dict]:
     """Train one run and return its per-epoch records (resuming from ``checkpoint`` if present).
@@ -332,7 +344,7 @@ def train_run(recipe: Recipe, run: Run, ds: DataSet, checkpoint: str | None = No
         optimizer.load_state_dict(state["optimizer"])
         history, start_epoch = state["history"], state["epoch"]
 
-    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if d.distributed else model
+    net = nn.parallel.DistributedDataParallel(model, **_no_buffer_sync()) if d.distributed else model
     held = N if d.distributed else W * N  # images this process holds per step
     saved = saved_activation_bytes(model, to_float(train_x[:held], mean, std), train_y[:held])
     mem = {"saved_activation_bytes_per_worker": saved // (held // N)}
