@@ -76,19 +76,41 @@ class WorkerBatchNorm2d(nn.BatchNorm2d):
         return super().extra_repr() + f", workers={self.workers}"
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """The sum of a tensor over all ranks, differentiable: every rank's loss depends on every
+    rank's input, so the gradient is the sum of the ranks' gradients (an all-reduce again).
+    What ``torch.distributed.nn.functional.all_reduce`` did before torch deprecated it."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        out = t.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class AllReduceBatchNorm2d(nn.BatchNorm2d):
     """Synchronized BatchNorm for CPU processes under DDP (gloo).
 
     ``torch.nn.SyncBatchNorm`` refuses modules that are not on a GPU, so on the CPU the
-    statistics over all workers are taken with differentiable all-reduces
-    (``torch.distributed.nn.functional.all_reduce``): the mean first, then the centered sum of
-    squares. Running statistics are updated from the global statistics, identically on every rank.
+    statistics over all workers are taken with differentiable all-reduces (:class:`_AllReduceSum`):
+    the mean first, then the centered sum of squares. Running statistics are updated from the
+    global statistics, identically on every rank.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
-        from torch.distributed.nn.functional import all_reduce
 
+        all_reduce = _AllReduceSum.apply
         if not self.training or not dist.is_initialized():
             return super().forward(x)
         b, c, h, w = x.shape
