@@ -263,6 +263,8 @@ def check_inputs(input, num_groups, weight, bias, eps, activation) -> str:
     if not (type(eps) is float and 0 < eps < math.inf) and (
         isinstance(eps, bool) or not isinstance(eps, (numbers.Real, torch.SymFloat, torch.SymInt)) or not (0 < eps < math.inf)
     ):
+        if isinstance(eps, Tensor):
+            raise TypeError(f"eps must be a Python number, got a Tensor ({eps!r}); pass float(eps)")
         raise ValueError(f"eps must be a positive finite number, got {eps!r}; the usual value is 1e-5")
     _check_param("weight", weight, input)
     _check_param("bias", bias, input)

@@ -37,6 +37,8 @@ torch.fx.wrap("_layer_group_norm")
 
 def _check_eps(eps, usual: str = "1e-5") -> None:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 < eps < math.inf):
+        if isinstance(eps, torch.Tensor):
+            raise TypeError(f"eps must be a Python number, got a Tensor ({eps!r}); pass float(eps)")
         raise ValueError(f"eps must be a positive finite number, got {eps!r}; the usual value is {usual}")
 
 

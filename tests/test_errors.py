@@ -28,6 +28,8 @@ X = torch.randn(2, 8, 4, 4)
         (lambda: group_norm(X, 2, eps=0.0), ValueError, "eps must be a positive"),
         (lambda: group_norm(X, 2, eps=-1e-5), ValueError, "eps must be a positive"),
         (lambda: group_norm(X, 2, eps=float("nan")), ValueError, "eps must be a positive"),
+        (lambda: group_norm(X, 2, eps=torch.tensor(1e-5)), TypeError, r"eps must be a Python number, got a Tensor.*float\(eps\)"),
+        (lambda: GroupNorm(2, 8, eps=torch.tensor(1e-5)), TypeError, r"eps must be a Python number, got a Tensor"),
         (lambda: group_norm(X, 2, activation="tanh"), ValueError, "activation must be None or one of"),
         (lambda: group_norm(X, 2, backend="cudnn"), ValueError, "unknown groupnorm backend 'cudnn'"),
         (lambda: GroupNorm(3, 8), ValueError, r"num_channels=8 is not divisible by num_groups=3"),

@@ -201,6 +201,19 @@ def test_weight_only_and_bias_only_backward():
     assert_close(b.grad, rdb, torch.float32, "db")
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_channels_last_weight_gradient_alone(backend):
+    """torch 2.13's CPU group_norm crashes the process (SIGSEGV) on this one: channels-last input,
+    a weight and no bias, only the weight's gradient asked for (found by fuzzing in session 9)."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 4, 3, 3, generator=g).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(4, generator=g, requires_grad=True)
+    dy = torch.randn(2, 4, 3, 3, generator=g)
+    (dw,) = torch.autograd.grad(group_norm(x, 1, w, None, backend=backend), [w], dy)
+    _, _, rdw, _ = oracle(x, w, None, 1, 1e-5, "none", dy.double())
+    assert_close(dw, rdw, torch.float32, "dw")
+
+
 def test_deterministic_repeat():
     for backend in cpu_backends():
         x = make_input((2, 32, 8, 8), layout="channels_last").requires_grad_()
