@@ -48,7 +48,8 @@ Session 8 additions:
 huge-values: max relative error against float64 of y and dx (float32 input of std 1e18..1e30, G = 4)
 for the numba and composite backends and torch.nn.functional.group_norm, both layouts.
 
-kernel-ab: the contiguous numba kernels (fwd or bwd, float32, G = 32, with --act fused, none by default) of this checkout
+kernel-ab: the contiguous numba kernels (fwd or bwd, float32, G = 32 or --groups, with --act fused, none by default;
+--layout channels_last for the channels-last ones, since session 9) of this checkout
 and of an older one (its cpu.py loaded under another module name), and ATen's (with torch's activation
 op beside it when --act is given), called directly, timed as `groupnorm bench` times (shuffled rounds, 12 of them), every call allocating its outputs as ATen's
 does; prints both ratios and whether old and new agree bitwise.
@@ -151,21 +152,26 @@ def _load_old_cpu(old_root: str):
     return old
 
 
-def kernel_ab(old_root: str, which: str, shapes: list, threads: int, act: str = "none") -> None:
+def kernel_ab(old_root: str, which: str, shapes: list, threads: int, act: str = "none", layout: str = "contiguous",
+              groups: int = 32) -> None:
     old = _load_old_cpu(old_root)
     numba.set_num_threads(threads)
     torch.set_num_threads(threads)
+    cl = layout == "channels_last"
     for shape in shapes:
-        N, C, G = shape[0], shape[1], 32
+        N, C, G = shape[0], shape[1], groups
         S = int(np.prod(shape[2:]))
         xt, dyt = torch.randn(shape) * 3 + 2, torch.randn(shape)
+        if cl:  # (N, C, *) views of channels-last storage, as a channels_last(_3d) tensor holds it
+            xt, dyt = (t.movedim(1, -1).contiguous().movedim(-1, 1) for t in (xt, dyt))
         wt, bt = torch.randn(C), torch.randn(C)
         _, mean, rstd = torch.ops.aten.native_group_norm(xt, wt, bt, N, C, S, G, 1e-5)
-        x, dy, w, b = xt.numpy().ravel(), dyt.numpy().ravel(), wt.numpy(), bt.numpy()
+        x, dy, w, b = cpu._flat(xt), cpu._flat(dyt), wt.numpy(), bt.numpy()
+        fwd_k, bwd_k = ("_forward_cl", "_backward_cl") if cl else ("_forward_nc", "_backward_nc")
         code = groupnorm.backends.ACT_CODES.get(act, 0)
         st = np.empty(N * G * 3, np.float32)
-        nch = cpu._plan(N, C, S, G, False, threads)[1]
-        cpu._forward_nc(x, np.empty_like(x), w, b, st, N, C, S, G, 1e-5, 0, nch)
+        nch = cpu._plan(N, C, S, G, cl, threads)[1]
+        getattr(cpu, fwd_k)(x, np.empty_like(x), w, b, st, N, C, S, G, 1e-5, 0, nch)
         out = {}
 
         def mk(mod, key):
@@ -174,13 +180,13 @@ def kernel_ab(old_root: str, which: str, shapes: list, threads: int, act: str = 
             if which == "bwd":
                 def call():
                     dx, dw, db = np.empty_like(x), np.empty(C, np.float32), np.empty(C, np.float32)
-                    mod._backward_nc(dy, x, dx, dw, db, w, b, st, N, C, S, G, code, nch)
+                    getattr(mod, bwd_k)(dy, x, dx, dw, db, w, b, st, N, C, S, G, code, nch)
                     out[key] = (dx, dw, db)
                 return call
 
             def call():
                 y, s2 = np.empty_like(x), np.empty_like(st)
-                mod._forward_nc(x, y, w, b, s2, N, C, S, G, 1e-5, code, nch)
+                getattr(mod, fwd_k)(x, y, w, b, s2, N, C, S, G, 1e-5, code, nch)
                 out[key] = (y, s2)
             return call
 
@@ -200,7 +206,7 @@ def kernel_ab(old_root: str, which: str, shapes: list, threads: int, act: str = 
             cases["aten"] = lambda: torch.ops.aten.native_group_norm(xt, wt, bt, N, C, S, G, 1e-5)
         m = {k: v * 1e6 for k, v in time_interleaved(cases, 12).items()}
         same = all(np.array_equal(a, e) for a, e in zip(out["old"], out["new"]))
-        print(f"{which} {act} {threads} thread(s) {shape}: " + ", ".join(f"{k} {v:.1f} us" for k, v in m.items())
+        print(f"{which} {act} {layout} G={G} {threads} thread(s) {shape}: " + ", ".join(f"{k} {v:.1f} us" for k, v in m.items())
               + f"; new/old {m['old'] / m['new']:.2f}x, aten/new {m['aten'] / m['new']:.2f}x, bitwise equal: {same}")
 
 
@@ -692,6 +698,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--old", help="kernel-ab, bitwise-ab, activation-error, stats-accuracy, exp-poly: root of an older checkout")
+    p.add_argument("--layout", default="contiguous", choices=["contiguous", "channels_last"],
+                   help="kernel-ab: which kernels (channels_last: _forward_cl/_backward_cl on channels-last storage)")
+    p.add_argument("--groups", type=int, default=32, help="kernel-ab: G")
     p.add_argument("--act", default="none", choices=["none", "relu", "silu", "gelu"],
                    help="kernel-ab: the fused activation (ATen's side: its group norm op and torch's activation op)")
     a = p.parse_intermixed_args()
@@ -703,7 +712,7 @@ def main() -> None:
         if not a.old or not a.args or a.args[0] not in ("fwd", "bwd"):
             p.error("kernel-ab needs --old CHECKOUT, then fwd or bwd, then shapes such as 8x2048x7x7")
         kernel_ab(a.old, a.args[0], [tuple(int(v) for v in s.split("x")) for s in a.args[1:]] or [(8, 2048, 7, 7)], a.threads,
-                  a.act)
+                  a.act, a.layout, a.groups)
     elif a.what == "bitwise-ab":
         if not a.old:
             p.error("bitwise-ab needs --old CHECKOUT")

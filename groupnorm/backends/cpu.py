@@ -791,27 +791,51 @@ def _backward_nc(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
 
 # ----------------------------------------------------------------------------- channels-last (N, S, C)
 _CL_ROWS = 64  # rows accumulated in the input dtype before a float64 accumulation
+_CL_TILE = 512  # values per vector loop of the row sums: R = _CL_TILE // C rows at a time, at most 8
+
+
+@njit(**_SERIAL)
+def _tile(v, R):
+    """R copies of the vector v end to end: per-channel values lined up with R rows of (S, C) data."""
+    C = v.shape[0]
+    t = np.empty(R * C, v.dtype)
+    for r in range(R):
+        t[r * C:(r + 1) * C] = v
+    return t
+
+
+@njit(**_SERIAL)
+def _fold_rows(acc, s, R, C):
+    """s[c] += the R float32 partial sums of channel c in acc (R rows of C), in float64."""
+    for r in range(R):
+        for c in range(C):
+            s[c] += np.float64(acc[r * C + c])
 
 
 @njit(**_SERIAL)
 def _cl_stat_rows(x, s1, s2, shift, xo, slo, shi, C):
     """s1[c] += sum d, s2[c] += sum d*d over rows slo..shi of the sample at x[xo:], with
     d = x - shift[c] (shift in x's dtype); blocks of _CL_ROWS rows are summed in x's dtype
-    (full SIMD width), then added in float64."""
-    a1 = np.empty(C, x.dtype)
-    a2 = np.empty(C, x.dtype)
+    (full SIMD width), then added in float64. R rows are taken at a time as one span of R*C
+    values against R copies of the shifts: one long vector loop instead of a short one per row
+    (whose set-up cost as much as its work for C <= 256 on AVX-512), R partial sums per channel."""
+    R = max(1, min(8, _CL_TILE // C))
+    sht = _tile(shift, R)
+    a1 = np.empty(R * C, x.dtype)
+    a2 = np.empty(R * C, x.dtype)
     for r0 in range(slo, shi, _CL_ROWS):
         a1[:] = 0
         a2[:] = 0
-        for s in range(r0, min(r0 + _CL_ROWS, shi)):
-            xr = x[xo + s * C:xo + (s + 1) * C]
-            for c in range(C):
-                d = xr[c] - shift[c]
-                a1[c] += d
-                a2[c] += d * d
-        for c in range(C):
-            s1[c] += np.float64(a1[c])
-            s2[c] += np.float64(a2[c])
+        r1 = min(r0 + _CL_ROWS, shi)
+        for s in range(r0, r1, R):
+            m = min(R, r1 - s) * C
+            xs = x[xo + s * C:xo + s * C + m]
+            for j in range(m):
+                d = xs[j] - sht[j]
+                a1[j] += d
+                a2[j] += d * d
+        _fold_rows(a1, s1, R, C)
+        _fold_rows(a2, s2, R, C)
 
 
 @njit(**_SERIAL)
@@ -837,45 +861,52 @@ def _cl_normalize_rows(x, y, mh, a, b, xo, slo, shi, C, act, k):
 @njit(**_SERIAL)
 def _cl_grad_rows(dy, x, dx, sg, sgd, mh, a, b, xo, slo, shi, C, act, k):
     """sg[c] += sum g, sgd[c] += sum g * (x - mh[c]); g parked in dx for SiLU/GELU.
-    Blocks of _CL_ROWS rows are summed in x's dtype, then added in float64."""
-    ag = np.empty(C, x.dtype)
-    at = np.empty(C, x.dtype)
+    Blocks of _CL_ROWS rows are summed in x's dtype, then added in float64; R rows at a time
+    as one span against tiled coefficients, as in _cl_stat_rows."""
+    R = max(1, min(8, _CL_TILE // C))
+    mt = _tile(mh, R)
+    at = _tile(a, R)
+    bt = _tile(b, R)
+    ag = np.empty(R * C, x.dtype)
+    ad = np.empty(R * C, x.dtype)
     for r0 in range(slo, shi, _CL_ROWS):
         ag[:] = 0
-        at[:] = 0
-        for s in range(r0, min(r0 + _CL_ROWS, shi)):
-            xr = x[xo + s * C:xo + (s + 1) * C]
-            dyr = dy[xo + s * C:xo + (s + 1) * C]
+        ad[:] = 0
+        r1 = min(r0 + _CL_ROWS, shi)
+        for s in range(r0, r1, R):
+            o = xo + s * C
+            m = min(R, r1 - s) * C
+            xs = x[o:o + m]
+            dys = dy[o:o + m]
             if act == 0:
-                for c in range(C):
-                    g = dyr[c]
-                    ag[c] += g
-                    at[c] += g * (xr[c] - mh[c])
+                for j in range(m):
+                    g = dys[j]
+                    ag[j] += g
+                    ad[j] += g * (xs[j] - mt[j])
             elif act == 1:
-                for c in range(C):
-                    xv = xr[c]
-                    g = dyr[c] if _affine(xv, mh[c], a[c], b[c]) > k[0] else k[0]
-                    ag[c] += g
-                    at[c] += g * (xv - mh[c])
+                for j in range(m):
+                    xv = xs[j]
+                    g = dys[j] if _affine(xv, mt[j], at[j], bt[j]) > k[0] else k[0]
+                    ag[j] += g
+                    ad[j] += g * (xv - mt[j])
             elif act == 2:
-                dxr = dx[xo + s * C:xo + (s + 1) * C]
-                for c in range(C):
-                    xv = xr[c]
-                    g = dyr[c] * _dsilu(_affine(xv, mh[c], a[c], b[c]), k)
-                    dxr[c] = g
-                    ag[c] += g
-                    at[c] += g * (xv - mh[c])
+                dxs = dx[o:o + m]
+                for j in range(m):
+                    xv = xs[j]
+                    g = dys[j] * _dsilu(_affine(xv, mt[j], at[j], bt[j]), k)
+                    dxs[j] = g
+                    ag[j] += g
+                    ad[j] += g * (xv - mt[j])
             else:
-                dxr = dx[xo + s * C:xo + (s + 1) * C]
-                for c in range(C):
-                    xv = xr[c]
-                    g = dyr[c] * _dgelu(_affine(xv, mh[c], a[c], b[c]), k)
-                    dxr[c] = g
-                    ag[c] += g
-                    at[c] += g * (xv - mh[c])
-        for c in range(C):
-            sg[c] += np.float64(ag[c])
-            sgd[c] += np.float64(at[c])
+                dxs = dx[o:o + m]
+                for j in range(m):
+                    xv = xs[j]
+                    g = dys[j] * _dgelu(_affine(xv, mt[j], at[j], bt[j]), k)
+                    dxs[j] = g
+                    ag[j] += g
+                    ad[j] += g * (xv - mt[j])
+        _fold_rows(ag, sg, R, C)
+        _fold_rows(ad, sgd, R, C)
 
 
 @njit(**_SERIAL)
