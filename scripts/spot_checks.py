@@ -45,6 +45,10 @@ Session 8 additions:
     python scripts/spot_checks.py exp-poly [--old /path/to/older/checkout]   # the float32 exp's fit, error, SiLU speed
     python scripts/spot_checks.py kernel-ab --act silu --old /path/to/older/checkout fwd 1x512x64x64
 
+Session 9 addition (the channels-last kernels, G other than 32):
+
+    python scripts/spot_checks.py kernel-ab --layout channels_last --groups 8 --old /path/to/older/checkout fwd 2x128x16x16x16
+
 huge-values: max relative error against float64 of y and dx (float32 input of std 1e18..1e30, G = 4)
 for the numba and composite backends and torch.nn.functional.group_norm, both layouts.
 
