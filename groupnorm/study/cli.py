@@ -249,10 +249,7 @@ def main(args: argparse.Namespace) -> int:
                   f"{jobs if not d.distributed else 1} job(s), output {args.out}/", flush=True)
         wall = study.run(jobs=jobs, resume=not args.no_resume, progress=not args.no_progress, threads=args.threads)
         if d.distributed:
-            import torch.distributed as dist
-
-            dist.barrier()
-            dist.destroy_process_group()
+            d.leave()
         if not d.is_main:
             return 0
         records = study.collect()
