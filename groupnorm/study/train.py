@@ -21,7 +21,6 @@ import math
 import os
 import resource
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -115,7 +114,7 @@ class Dist:
         Left to the interpreter's shutdown, rank 0 aborted in about 1 of 10 torchrun runs here
         ("terminate called without an active exception" after its last line, 6 of 65 runs of the
         test's script on torch 2.13, gloo), and torchrun then reports the job failed; with the
-        collection done here, 0 of 50."""
+        collection done here, 0 of 70."""
         import gc
 
         if dist.is_initialized():
@@ -310,13 +309,13 @@ def _average_running_stats(model: nn.Module, d: Dist) -> None:
 def _ddp(model: nn.Module) -> nn.Module:
     """DDP without broadcasting rank 0's buffers every forward: BN's running statistics are kept per
     worker while training, as the paper's per-GPU BN, and averaged before evaluation. torch 2.13
-    deprecates ``broadcast_buffers`` for ``forward_sync_buffers``; the old flag is kept, without
-    its FutureWarning once per rank: with the new one, 2 of 7 runs of the torchrun test aborted here
-    ("terminate called without an active exception"), against 0 of 4 with the old one. Too few
-    runs to blame it, too many to take the risk."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated", category=FutureWarning)
-        return nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    deprecates ``broadcast_buffers`` for ``forward_sync_buffers`` (which still syncs once at
+    construction, as every rank starts from the same model anyway); older torch has only the first."""
+    import inspect
+
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    flag = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return nn.parallel.DistributedDataParallel(model, **{flag: False})
 
 
 def train_run(recipe: Recipe, run: Run, ds: DataSet, checkpoint: str | None = None, progress=None,
