@@ -502,7 +502,7 @@ def _cpu_model() -> str:
     extra = []
     if "cpu family" in fields and "model" in fields:
         extra.append(f"family {fields['cpu family']} model {fields['model']}")
-    flags = set(fields.get("flags", "").split())
+    flags = set((fields.get("flags") or fields.get("Features", "")).split())  # x86: flags, ARM: Features
     isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "neon" if "asimd" in flags else ""
     if isa:
         extra.append(isa.upper())
@@ -514,7 +514,7 @@ def busy_warning(threads: int) -> str | None:
     and with a core taken, multi-thread medians come out as scheduler slices (multiples of ~4-8 ms)."""
     try:
         load = os.getloadavg()[0]
-    except OSError:  # pragma: no cover - no load average on this OS
+    except (AttributeError, OSError):  # pragma: no cover - no load average on this OS (Windows)
         return None
     cores = os.cpu_count() or 1
     if threads > 1 and load >= max(1.0, 0.5 * cores):

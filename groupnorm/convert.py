@@ -272,7 +272,7 @@ def convert_batchnorm(
             plan[id(m)] = (name, m, lambda m=m, C=C, e=layer_eps: _build_groupnorm(m, C, request, e), row)
         elif weight_standardization and isinstance(m, tuple(_STD_CONVS)) and not isinstance(m, _StdConvMixin):
             if _conv_base(m) not in _STD_CONVS:
-                other_convs.append(f"{name or '<root>'!r} ({type(m).__name__})")
+                other_convs.append(f"{name or '<root>'!r} ({type(m).__module__}.{type(m).__qualname__})")
                 continue
             if conv_fan_in(m) == 1:
                 skipped_convs.append(name)
