@@ -45,9 +45,12 @@ Session 8 additions:
     python scripts/spot_checks.py exp-poly [--old /path/to/older/checkout]   # the float32 exp's fit, error, SiLU speed
     python scripts/spot_checks.py kernel-ab --act silu --old /path/to/older/checkout fwd 1x512x64x64
 
-Session 9 addition (the channels-last kernels, G other than 32):
+Session 9 additions:
 
     python scripts/spot_checks.py kernel-ab --layout channels_last --groups 8 --old /path/to/older/checkout fwd 2x128x16x16x16
+    python scripts/spot_checks.py cl-rows       # channels-last statistics: a loop per row vs R rows per loop vs a copy
+    python scripts/spot_checks.py torch-segv    # torch 2.13's crash (channels-last, weight gradient alone) vs ours
+    python scripts/spot_checks.py ddp-exit 20   # torchrun runs failing at exit: destroy_process_group alone vs Dist.leave
 
 huge-values: max relative error against float64 of y and dx (float32 input of std 1e18..1e30, G = 4)
 for the numba and composite backends and torch.nn.functional.group_norm, both layouts.
@@ -692,12 +695,103 @@ def exp_poly(old_root: str | None, rounds: int) -> None:
           + ", ".join(f"{k} {v * 1e9 / x.size:.3f}" for k, v in m.items()))
 
 
+def cl_rows(rounds: int) -> None:
+    """The channels-last statistics pass, one thread: the row loop as it was before session 9 (a
+    short vector loop per row of C values) against cpu._cl_stat_rows (R rows per loop) and a copy."""
+    @numba.njit(error_model="numpy")
+    def per_row(x, s1, s2, shift, xo, slo, shi, C):
+        a1 = np.empty(C, x.dtype)
+        a2 = np.empty(C, x.dtype)
+        for r0 in range(slo, shi, 64):
+            a1[:] = 0
+            a2[:] = 0
+            for s in range(r0, min(r0 + 64, shi)):
+                xr = x[xo + s * C:xo + (s + 1) * C]
+                for c in range(C):
+                    d = xr[c] - shift[c]
+                    a1[c] += d
+                    a2[c] += d * d
+            for c in range(C):
+                s1[c] += np.float64(a1[c])
+                s2[c] += np.float64(a2[c])
+
+    @numba.njit(error_model="numpy")
+    def over_samples(fn, x, N, S, C, shift):
+        s1, s2 = np.zeros(C), np.zeros(C)
+        for n in range(N):
+            fn(x, s1, s2, shift, n * S * C, 0, S, C)
+        return s1, s2
+
+    numba.set_num_threads(1)
+    for N, C, S in [(8, 256, 3136), (2, 128, 4096), (1, 64, 32768), (2, 512, 784)]:
+        x = (np.random.default_rng(0).standard_normal(N * S * C) + 3).astype(np.float32)
+        y = np.empty_like(x)
+        shift = np.full(C, 3, np.float32)
+        cases = {"per row": lambda: over_samples(per_row, x, N, S, C, shift),
+                 "R rows (cpu.py)": lambda: over_samples(cpu._cl_stat_rows, x, N, S, C, shift),
+                 "copy": lambda: np.copyto(y, x)}
+        m = time_interleaved(cases, rounds)
+        print(f"{N}x{C}x{S} (R = {cpu._cl_tile_rows(C)}): " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in m.items())
+              + f"; per row / copy {m['per row'] / m['copy']:.2f}x, R rows / copy {m['R rows (cpu.py)'] / m['copy']:.2f}x")
+
+
+def torch_segv() -> None:
+    """torch 2.13's CPU group_norm on channels-last input with a weight and no bias, asked for the
+    weight's gradient only, in a child process (it crashes the process); then ours on the same."""
+    import subprocess
+    import sys
+
+    code = ("import torch, torch.nn.functional as F{imp}\n"
+            "x = torch.randn(2, 4, 3, 3).to(memory_format=torch.channels_last).requires_grad_()\n"
+            "w = torch.randn(4, requires_grad=True)\n"
+            "print(torch.autograd.grad({fn}(x, 1, w, None), [w], torch.randn(2, 4, 3, 3))[0])\n")
+    for name, imp, fn in (("torch.nn.functional.group_norm", "", "F.group_norm"),
+                          ("groupnorm.group_norm", ", groupnorm", "groupnorm.group_norm")):
+        done = subprocess.run([sys.executable, "-c", code.format(imp=imp, fn=fn)], capture_output=True, text=True)
+        why = f" (signal {-done.returncode})" if done.returncode < 0 else ""
+        print(f"{name}: exit code {done.returncode}{why}")
+
+
+def ddp_exit(runs: int) -> None:
+    """How often a 2-process gloo torchrun of the DDP test's script fails, ending with
+    destroy_process_group() alone (as before session 9) and with Dist.leave() (barrier, destroy,
+    gc.collect()). Each run takes a few seconds."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "tests"))
+    import test_study_ddp as t
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests")])}
+    source = t.SCRIPT.format(repo=str(repo), norms=t.NORMS, steps=t.STEPS)
+    marker = "d.leave()  # what `groupnorm study` does at the end under torchrun"
+    assert marker in source, "the DDP test's script no longer ends as this check expects"
+    with tempfile.TemporaryDirectory() as tmp:
+        for ending in ("torch.distributed.destroy_process_group()", "d.leave()"):
+            script = Path(tmp) / "ddp_exit.py"
+            script.write_text(source.replace(marker, ending))
+            failed = aborted = 0
+            for _ in range(runs):
+                done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                       "2", str(script), str(Path(tmp) / "out.json")], env=env, capture_output=True,
+                                      text=True, timeout=300)
+                failed += done.returncode != 0
+                aborted += "terminate called without an active exception" in done.stdout + done.stderr
+            print(f"ending with {ending}: {failed} of {runs} runs failed ({aborted} with 'terminate called "
+                  "without an active exception')")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["silu", "large-mean", "paths", "kernel-ab", "activation-error", "forward-floor",
                                     "nt-store", "train-profile", "stats-accuracy", "neighbour-bias",
                                     "geomeans", "openmp-runtimes", "engine-cost", "cl-blocks", "startup",
-                                    "bitwise-ab", "huge-values", "exp-poly"])
+                                    "bitwise-ab", "huge-values", "exp-poly", "cl-rows", "torch-segv", "ddp-exit"])
     p.add_argument("args", nargs="*", help="paths, neighbour-bias: a shape (default 32 1024 14 14, 8 2048 7 7); kernel-ab: fwd|bwd then shapes like 8x2048x7x7; geomeans: bench --out folders")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
@@ -723,6 +817,12 @@ def main() -> None:
         bitwise_ab(a.old)
     elif a.what == "huge-values":
         huge_values()
+    elif a.what == "cl-rows":
+        cl_rows(a.rounds)
+    elif a.what == "torch-segv":
+        torch_segv()
+    elif a.what == "ddp-exit":
+        ddp_exit(int(a.args[0]) if a.args else 20)
     elif a.what == "exp-poly":
         exp_poly(a.old, a.rounds)
     elif a.what == "activation-error":

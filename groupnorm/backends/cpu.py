@@ -795,6 +795,12 @@ _CL_TILE = 512  # values per vector loop of the row sums: R = _CL_TILE // C rows
 
 
 @njit(**_SERIAL)
+def _cl_tile_rows(C):
+    """R, the rows the channels-last row sums take at a time (at least 1, at most 8)."""
+    return max(1, min(8, _CL_TILE // C))
+
+
+@njit(**_SERIAL)
 def _tile(v, R):
     """R copies of the vector v end to end: per-channel values lined up with R rows of (S, C) data."""
     C = v.shape[0]
@@ -819,7 +825,7 @@ def _cl_stat_rows(x, s1, s2, shift, xo, slo, shi, C):
     (full SIMD width), then added in float64. R rows are taken at a time as one span of R*C
     values against R copies of the shifts: one long vector loop instead of a short one per row
     (whose set-up cost as much as its work for C <= 256 on AVX-512), R partial sums per channel."""
-    R = max(1, min(8, _CL_TILE // C))
+    R = _cl_tile_rows(C)
     sht = _tile(shift, R)
     a1 = np.empty(R * C, x.dtype)
     a2 = np.empty(R * C, x.dtype)
@@ -863,7 +869,7 @@ def _cl_grad_rows(dy, x, dx, sg, sgd, mh, a, b, xo, slo, shi, C, act, k):
     """sg[c] += sum g, sgd[c] += sum g * (x - mh[c]); g parked in dx for SiLU/GELU.
     Blocks of _CL_ROWS rows are summed in x's dtype, then added in float64; R rows at a time
     as one span against tiled coefficients, as in _cl_stat_rows."""
-    R = max(1, min(8, _CL_TILE // C))
+    R = _cl_tile_rows(C)
     mt = _tile(mh, R)
     at = _tile(a, R)
     bt = _tile(b, R)
