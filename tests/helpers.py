@@ -80,3 +80,30 @@ def run_fresh(code: str, marker: str, env: dict | None = None) -> str:
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and marker in done.stdout, done.stderr[-2000:]
     return done.stdout
+
+
+def nonfinite_relu_case(layout, dtype=torch.float32):
+    """x with a NaN in sample 1's group 1; dy with inf and NaN where torch's ReLU output is 0
+    (and nowhere else), so every finite result of torch.nn.GroupNorm + ReLU stays finite."""
+    x = make_input((3, 8, 4, 4), torch.float64, layout, seed=3)
+    x[1, 2, 0, 0] = float("nan")
+    g = torch.Generator().manual_seed(4)
+    w = 1 + 0.5 * torch.randn(8, dtype=torch.float64, generator=g)
+    b = 0.5 * torch.randn(8, dtype=torch.float64, generator=g)
+    z = torch.nn.functional.group_norm(x, 4, w, b, 1e-5)
+    dy = torch.randn(x.shape, dtype=torch.float64, generator=g)
+    off = (z <= 0).nonzero()  # positions whose ReLU output is 0 (a NaN z is not among them)
+    dy[tuple(off[0])] = float("inf")
+    dy[tuple(off[1])] = float("-inf")
+    dy[tuple(off[2])] = float("nan")
+    cast = lambda t: t.to(dtype).requires_grad_()
+    return cast(x), cast(w), cast(b), dy.to(dtype)
+
+
+def assert_like_torch_nonfinite(got, expected, what=""):
+    """(y, dx, dweight, dbias) against torch's: the same NaN and inf positions, close elsewhere."""
+    for name, ours, ref in zip(("y", "dx", "dweight", "dbias"), got, expected):
+        ours = ours.detach().cpu()
+        assert torch.equal(torch.isnan(ours), torch.isnan(ref)), f"{what} {name}: NaN where torch has none, or the reverse"
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref)), f"{what} {name}: inf where torch has none, or the reverse"
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4, equal_nan=True, msg=f"{what} {name} vs torch")

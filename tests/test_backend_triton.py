@@ -24,6 +24,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from groupnorm import backends  # noqa: E402
 from groupnorm.backends import reference  # noqa: E402
+from helpers import assert_like_torch_nonfinite, nonfinite_relu_case  # noqa: E402
 
 _mod = sys.modules.get("groupnorm.backends.gpu")
 if _mod is not None and not _mod._INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1":
@@ -299,6 +300,19 @@ def test_deterministic(layout, path):
         assert torch.equal(a, c), f"{name} differs between two identical calls"
     assert torch.equal(x, x0) and x.stride() == x0.stride()
 
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_relu_nonfinite_like_torch(path):
+    """A NaN group and inf/NaN dy at zeroed ReLU outputs give torch's results: the NaN kept in y
+    (compiled, tl.maximum(z, 0) would give 0 there) and ReLU's gradient a select, as torch's
+    threshold_backward (dy * 0 would turn an inf dy into NaN)."""
+    x, w, b, dy = (t.detach() for t in nonfinite_relu_case("channels_last"))
+    rx, rw, rb = (t.clone().requires_grad_() for t in (x, w, b))
+    ry = torch.relu(torch.nn.functional.group_norm(rx, 4, rw, rb, EPS))
+    expected = (ry, *torch.autograd.grad(ry, (rx, rw, rb), dy))
+    y, _, _, dx, dw, db = run(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), 4, "relu", dy=dy.to(DEVICE), **PATHS[path])
+    assert_like_torch_nonfinite((y, dx, dw, db), expected, path)
 
 @pytest.mark.parametrize("shape", [(2, 4, 1, 1), (2, 4, 1, 3), (1, 6, 3, 1), (2, 6, 1, 2, 1)], ids=str)
 def test_size_one_dims_channels_last(shape):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from groupnorm import group_norm, last_backend
 from groupnorm.backends import reference
-from helpers import TOL, assert_close, cpu_backends, make_input, oracle
+from helpers import TOL, assert_close, assert_like_torch_nonfinite, cpu_backends, make_input, nonfinite_relu_case, oracle
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 ACTS = [None, "relu", "silu", "gelu"]
@@ -148,6 +148,27 @@ def test_nan_stays_in_its_group(backend):
     expected[1, 1] = True
     expected[2, 3] = True
     assert torch.equal(bad, expected)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_relu_nonfinite_like_torch(backend, layout, monkeypatch):
+    """ReLU's gradient as torch's (threshold_backward): 0 where the ReLU output is <= 0, whatever
+    dy is there (inf, NaN), and dy passed through where z is NaN (a NaN output is not <= 0). So
+    the NaN group's channels get torch's finite dbias, and inf/NaN in dy at zeroed outputs
+    leave every gradient finite, as in torch."""
+    from groupnorm.backends import cpu
+
+    x, w, b, dy = nonfinite_relu_case(layout)
+    rx, rw, rb = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    ry = F.relu(F.group_norm(rx, 4, rw, rb, 1e-5))
+    expected = (ry, *torch.autograd.grad(ry, (rx, rw, rb), dy))
+    assert torch.isfinite(expected[3]).all() and not torch.isfinite(ry).all()  # the case is what it says
+    for split in ("fused", "split") if backend == "numba" else ("auto",):
+        monkeypatch.setattr(cpu, "split_mode", split)
+        y = group_norm(x, 4, w, b, 1e-5, activation="relu", backend=backend)
+        got = (y, *torch.autograd.grad(y, (x, w, b), dy))
+        assert_like_torch_nonfinite(got, expected, f"{backend} {layout} {split}")
 
 
 def test_empty_batch():

@@ -69,8 +69,8 @@ def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
 def activate_grad(z: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "none":
         return torch.ones_like(z)
-    if activation == "relu":
-        return (z > 0).to(z.dtype)
+    if activation == "relu":  # 1 at a NaN z, as torch's ReLU passes the gradient there
+        return (~(z <= 0)).to(z.dtype)
     if activation == "silu":
         s = torch.sigmoid(z)
         return s * (1 + z * (1 - s))
@@ -126,7 +126,9 @@ class CompositeBackend:
         xv = lay.view(x).to(sd)
         g = lay.view(dy).to(sd)
         xhat = _xhat(xv, stats.to(sd), lay)
-        if activation != "none":
+        if activation == "relu":  # torch's threshold_backward: a select, so inf/NaN in dy at a zeroed output give 0
+            g = torch.where(_affine(xhat, weight, bias, lay) <= 0, torch.zeros_like(g), g)
+        elif activation != "none":
             g = g * activate_grad(_affine(xhat, weight, bias, lay), activation)
         dweight = dbias = dx = None
         if weight is not None and output_mask[1]:

@@ -412,7 +412,7 @@ def _row_grad_sums(dy, x, gs, lo, s0, s1, mh, a, b, act, k):
             for i in range(e0, e1):
                 j = np.uint64(lo + i)
                 d = x[j] - mh
-                g = dy[j] if _affine(x[j], mh, a, b) > k[0] else k[0]
+                g = k[0] if _affine(x[j], mh, a, b) <= k[0] else dy[j]
                 s += g
                 t += g * d
         elif act == 2:
@@ -563,7 +563,7 @@ def _nc_dx(dy, x, dx, w, bias, st, q64, r64, n, c0, c1, s0, s1, C, Cg, S, act, k
             for i in range(s0, s1):
                 j = np.uint64(lo + i)
                 d = x[j] - mh
-                g = dy[j] if d * a + b > k[0] else k[0]
+                g = k[0] if d * a + b <= k[0] else dy[j]
                 dx[j] = g * p + d * q + r
         else:
             for i in range(s0, s1):
@@ -587,7 +587,7 @@ def _exact_dx(dyv, xv, gv, mh, a, b, p64, q64, r64, act, k):
     if act == 0:
         g = dyv
     elif act == 1:
-        g = dyv if d * a + b > k[0] else k[0]
+        g = k[0] if d * a + b <= k[0] else dyv
     else:
         g = gv
     return _like(k, np.float64(g) * p64 + np.float64(d) * q64 + r64)
@@ -892,7 +892,7 @@ def _cl_grad_rows(dy, x, dx, sg, sgd, mh, a, b, xo, slo, shi, C, act, k):
             elif act == 1:
                 for j in range(m):
                     xv = xs[j]
-                    g = dys[j] if _affine(xv, mt[j], at[j], bt[j]) > k[0] else k[0]
+                    g = k[0] if _affine(xv, mt[j], at[j], bt[j]) <= k[0] else dys[j]
                     ag[j] += g
                     ad[j] += g * (xv - mt[j])
             elif act == 2:
@@ -927,7 +927,7 @@ def _cl_dx_rows(dy, x, dx, mh, a, b, p, q, r, xo, slo, shi, C, act, k):
         elif act == 1:
             for c in range(C):
                 d = xr[c] - mh[c]
-                g = dyr[c] if d * a[c] + b[c] > k[0] else k[0]
+                g = k[0] if d * a[c] + b[c] <= k[0] else dyr[c]
                 dxr[c] = g * p[c] + d * q[c] + r[c]
         else:
             for c in range(C):

@@ -78,8 +78,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @triton.jit
 def _act(z, ACT: tl.constexpr):
     y = z
-    if ACT == 1:
-        y = tl.maximum(z, 0.0)
+    if ACT == 1:  # not tl.maximum: compiled, it returns 0 for a NaN z (fmax); torch.relu keeps the NaN
+        y = tl.where(z < 0.0, 0.0, z)
     if ACT == 2:
         y = z * tl.sigmoid(z)
     if ACT == 3:
@@ -88,11 +88,20 @@ def _act(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _act_grad(z, ACT: tl.constexpr):
-    """d act(z) / dz."""
-    d = tl.full(z.shape, 1.0, tl.float32)
+def _act_dy(dy, z, ACT: tl.constexpr):
+    """dy * act'(z); for ReLU a select, as torch's threshold_backward: 0 where z <= 0 whatever dy
+    is there (inf * 0 would be NaN), dy where z > 0 or z is NaN."""
     if ACT == 1:
-        d = tl.where(z > 0.0, 1.0, 0.0)
+        g = tl.where(z <= 0.0, 0.0, dy)
+    else:
+        g = dy * _act_grad(z, ACT)
+    return g
+
+
+@triton.jit
+def _act_grad(z, ACT: tl.constexpr):
+    """d act(z) / dz (SiLU, GELU; 1 without an activation)."""
+    d = tl.full(z.shape, 1.0, tl.float32)
     if ACT == 2:
         s = tl.sigmoid(z)
         d = s * (1.0 + z * (1.0 - s))
@@ -239,7 +248,7 @@ def _bwd_group_loop_kernel(
             x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
             xhat = ((x - hi) - lo) * rstd
-            gz = tl.where(mask, dy * _act_grad(xhat * w[:, None] + b[:, None], ACT), 0.0)
+            gz = tl.where(mask, _act_dy(dy, xhat * w[:, None] + b[:, None], ACT), 0.0)
             acc_b += gz
             acc_w += gz * xhat
         pb = tl.sum(acc_b, axis=1)
@@ -265,7 +274,7 @@ def _bwd_group_loop_kernel(
                 x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
                 xhat = ((x - hi) - lo) * rstd
-                gz = dy * _act_grad(xhat * w[:, None] + b[:, None], ACT)
+                gz = _act_dy(dy, xhat * w[:, None] + b[:, None], ACT)
                 dx = rstd * (gz * w[:, None] - c1 - xhat * c2)
                 tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
@@ -411,7 +420,7 @@ def _bwd_fused_kernel(
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
     xhat = ((x - hi) - lo) * rstd
     z = xhat * w[:, None] + b[:, None]
-    gz = tl.where(mask, dy * _act_grad(z, ACT), 0.0)
+    gz = tl.where(mask, _act_dy(dy, z, ACT), 0.0)
     pb = tl.sum(gz, axis=1)
     pw = tl.sum(gz * xhat, axis=1)
     out = n.to(tl.int64) * C + c
@@ -454,7 +463,7 @@ def _bwd_partial_kernel(
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         xhat = ((x - hi[:, None]) - lo[:, None]) * rstd[:, None]
         z = xhat * w[:, None] + b[:, None]
-        gz = tl.where(mask, dy * _act_grad(z, ACT), 0.0)
+        gz = tl.where(mask, _act_dy(dy, z, ACT), 0.0)
         acc_b += gz
         acc_w += gz * xhat
     out = (n.to(tl.int64) * C + c) * NSB + sb
@@ -527,7 +536,7 @@ def _bwd_dx_kernel(
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
     xhat = ((x - hi[:, None]) - lo[:, None]) * rstd[:, None]
     z = xhat * w[:, None] + b[:, None]
-    gz = dy * _act_grad(z, ACT)
+    gz = _act_dy(dy, z, ACT)
     dx = rstd[:, None] * (gz * w[:, None] - c1[:, None] - xhat * c2[:, None])
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 

@@ -39,8 +39,8 @@ def activate_grad(z: np.ndarray, activation: str) -> np.ndarray:
     """d act(z) / dz."""
     if activation == "none":
         return np.ones_like(z)
-    if activation == "relu":
-        return (z > 0).astype(z.dtype)
+    if activation == "relu":  # 1 at a NaN z, as torch's ReLU passes the gradient there
+        return (~(z <= 0)).astype(z.dtype)
     if activation == "silu":
         s = 1.0 / (1.0 + np.exp(-z))
         return s * (1.0 + z * (1.0 - s))
@@ -96,7 +96,10 @@ def backward_from_stats(dy, x, weight, bias, mean, rstd, G: int, activation: str
     xhat = ((_grouped(x, G) - mean[..., None]) * rstd[..., None]).reshape(x.shape)
     w = _per_channel(weight, x.shape)
     z = xhat * w + (_per_channel(bias, x.shape) if bias is not None else 0.0)
-    g = dy * activate_grad(z, activation)
+    if activation == "relu":  # a select, as torch's threshold_backward: inf/NaN dy at a zeroed output give 0
+        g = np.where(z <= 0.0, 0.0, dy)
+    else:
+        g = dy * activate_grad(z, activation)
     reduce_axes = (0,) + tuple(range(2, x.ndim))
     dweight = (g * xhat).sum(axis=reduce_axes) if weight is not None else None
     dbias = g.sum(axis=reduce_axes) if bias is not None else None
