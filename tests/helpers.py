@@ -84,12 +84,17 @@ def run_fresh(code: str, marker: str, env: dict | None = None) -> str:
 
 def nonfinite_relu_case(layout, dtype=torch.float32):
     """x with a NaN in sample 1's group 1; dy with inf and NaN where torch's ReLU output is 0
-    (and nowhere else), so every finite result of torch.nn.GroupNorm + ReLU stays finite."""
+    (and nowhere else), so every finite result of torch.nn.GroupNorm + ReLU stays finite; channel 6
+    with weight and bias 0 (zero-init), so z is exactly 0 there and ReLU's gradient is 0 (z <= 0); sample 2's
+    group 2 constant with bias 0, so z is exactly 0 there too, with a nonzero weight (dx must be 0)."""
     x = make_input((3, 8, 4, 4), torch.float64, layout, seed=3)
     x[1, 2, 0, 0] = float("nan")
     g = torch.Generator().manual_seed(4)
     w = 1 + 0.5 * torch.randn(8, dtype=torch.float64, generator=g)
     b = 0.5 * torch.randn(8, dtype=torch.float64, generator=g)
+    w[6] = b[6] = 0.0
+    x[2, 4:6] = 3.0
+    b[4:6] = 0.0
     z = torch.nn.functional.group_norm(x, 4, w, b, 1e-5)
     dy = torch.randn(x.shape, dtype=torch.float64, generator=g)
     off = (z <= 0).nonzero()  # positions whose ReLU output is 0 (a NaN z is not among them)
@@ -101,7 +106,9 @@ def nonfinite_relu_case(layout, dtype=torch.float32):
 
 
 def assert_like_torch_nonfinite(got, expected, what=""):
-    """(y, dx, dweight, dbias) against torch's: the same NaN and inf positions, close elsewhere."""
+    """(y, dx, dweight, dbias) against torch's: the same NaN and inf positions, close elsewhere;
+    nothing reaches channel 6's parameters through a ReLU whose input is exactly 0 there."""
+    assert got[2][6] == 0 and got[3][6] == 0, f"{what}: ReLU passed a gradient at z == 0 (dweight, dbias of channel 6)"
     for name, ours, ref in zip(("y", "dx", "dweight", "dbias"), got, expected):
         ours = ours.detach().cpu()
         assert torch.equal(torch.isnan(ours), torch.isnan(ref)), f"{what} {name}: NaN where torch has none, or the reverse"

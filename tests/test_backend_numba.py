@@ -206,6 +206,22 @@ def test_float32_statistics_as_accurate_as_float64(shape, G, layout, mode):
     assert err < 1e-6, f"normalized output {err:.3g} off float64 ({layout}, {mode})"
 
 
+@pytest.mark.parametrize("shape,G", [((1, 32, 256, 256), 8), ((2, 64, 128, 128), 32)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_float32_statistics_of_large_groups(shape, G, layout, mode):
+    """Groups of 2^18-2^19 elements: hundreds of float32 blocks (or rows) per group, whose sums are
+    added up in float64. Folded in float32 instead, rstd came out 2-5e-7 off and the output 1.3-2.7e-6
+    (one work split), against 3-5e-8 and 5e-7 here."""
+    g = torch.Generator().manual_seed(11)
+    x64 = torch.randn(shape, generator=g, dtype=torch.float64) * 3 - 2
+    x64 += torch.randn(1, shape[1], 1, 1, generator=g, dtype=torch.float64)
+    x = x64.float()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    err, _ = forward_error(x, G, rstd_rtol=1.5e-7)
+    assert err < 1e-6, f"normalized output {err:.3g} off float64 ({layout}, {mode})"
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_float32_statistics_with_a_misleading_group_start(layout, mode):
     """The shift is sampled from a group's first 16 elements; zero padding there (mean 100 elsewhere)
@@ -330,3 +346,27 @@ def test_through_the_op_gradcheck():
             lambda x, w, b: group_norm(x, 3, w, b, 1e-5, activation=None if act == "none" else act, backend="numba"),
             inputs,
         )
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_group_shift_is_the_mean_of_the_groups_first_elements_in_memory(layout):
+    """The statistics' shift is the mean of each group's first 16 elements in memory order (not 0:
+    results would stay right through the re-summation of far-off groups, but every group of a
+    large-mean input would take that slower path)."""
+    N, C, S, G = 2, 12, 10, 3
+    Cg = C // G
+    x = torch.randn(N, C, S, dtype=torch.float64) * 3 + 100
+    if layout == "contiguous":
+        flat = x.float().numpy().ravel()
+        off = cpu._shift_offsets(Cg, S, S, 1)
+        base = lambda n, g: (n * C + g * Cg) * S
+        first = lambda n, g: x[n, g * Cg:(g + 1) * Cg].reshape(-1)[:16]  # positions fastest
+    else:
+        flat = x.float().transpose(1, 2).contiguous().numpy().ravel()  # (N, S, C) in memory
+        off = cpu._shift_offsets(Cg, S, 1, C)
+        base = lambda n, g: n * S * C + g * Cg
+        first = lambda n, g: x[n, g * Cg:(g + 1) * Cg].T.reshape(-1)[:16]  # channels fastest
+    for n in range(N):
+        for g in range(G):
+            expected = np.float32(first(n, g).float().double().mean().item())
+            assert cpu._group_shift(flat, base(n, g), off) == expected, (n, g)

@@ -43,6 +43,7 @@ def test_quick_bench_writes_csv_json_and_plot(quick_run):
             assert math.isfinite(v) and v > 0, f"{col}={r[col]!r} in {r}"
         assert r["backend"] == "numba", "on CPU the automatic backend should be the numba kernels"
         assert math.isclose(float(r["speedup"]), float(r["torch_ms"]) / float(r["ours_ms"]), rel_tol=1e-6)
+        assert math.isclose(float(r["vs_floor"]), float(r["ours_ms"]) / float(r["floor_ms"]), rel_tol=1e-6)
 
     data = json.loads((out / "bench.json").read_text())
     assert set(data) == {"machine", "kernels", "training", "targets"}
@@ -55,6 +56,9 @@ def test_quick_bench_writes_csv_json_and_plot(quick_run):
         for l in ("contiguous", "channels_last")
     }
     assert all(r["step_ms"] > 0 for r in data["training"])
+    bn_ms = {r["layout"]: r["step_ms"] for r in data["training"] if r["norm"] == "torch.nn.BatchNorm2d"}
+    for r in data["training"]:
+        assert math.isclose(r["vs_batchnorm"], r["step_ms"] / bn_ms[r["layout"]], rel_tol=1e-9), r
     assert any(t["target"].startswith("GN ResNet training step") for t in data["targets"])
     assert (out / "bench_train.csv").exists()
     assert (out / "bench.png").stat().st_size > 0
@@ -179,3 +183,28 @@ def test_cpu_model_names_the_generation_and_vector_width():
         assert "AVX512" in model
     elif " avx2" in flags:
         assert "AVX2" in model
+
+
+def _row(speedup=1.0, vs_floor=2.0, mib=8.0, act="none", layout="contiguous", pas="fwdbwd", ours_ms=1.0, torch_ms=1.0):
+    return {"pass": pas, "mib": mib, "activation": act, "layout": layout, "speedup": speedup, "vs_floor": vs_floor,
+            "ours_ms": ours_ms, "torch_ms": torch_ms}
+
+
+def test_summarize_reads_each_ratio_the_right_way_round():
+    """Hand-made rows: a target is met exactly when its ratio is on the right side of the bar."""
+    def met(rows, train=()):
+        return {t["target"].split(",")[0].split(":")[0]: t["met"] for t in bench.summarize(rows, list(train))}
+
+    fast = [_row(speedup=2.0), _row(speedup=1.7, layout="channels_last", vs_floor=1.1)]
+    got = met(fast)
+    assert got["fwd+bwd contiguous"] and not got["fwd+bwd channels_last"]  # 2.0 >= 1.6; 1.7 < 5
+    assert not met([_row(speedup=2.0), _row(speedup=0.8)])["fwd+bwd contiguous"]  # one shape below 0.9x
+    assert met([_row(vs_floor=1.1), _row(vs_floor=1.25)])["shapes >= 4 MiB"]
+    assert not met([_row(vs_floor=1.1), _row(vs_floor=1.3)])["shapes >= 4 MiB"]
+    assert met([_row(mib=0.01, pas="fwd", ours_ms=0.02)])["per-call overhead on small shapes < 30 us"]
+    assert not met([_row(mib=0.01, pas="bwd", ours_ms=0.04)])["per-call overhead on small shapes < 30 us"]
+    train = [{"norm": "groupnorm", "layout": "contiguous", "vs_batchnorm": 0.8},
+             {"norm": "groupnorm", "layout": "channels_last", "vs_batchnorm": 1.2}]
+    got = met([], train)
+    assert got["GN ResNet training step (contiguous) no slower than BatchNorm2d"]
+    assert not got["GN ResNet training step (channels_last) no slower than BatchNorm2d"]

@@ -73,3 +73,16 @@ def test_types_are_checked():
         resolve_groups(64, 8.0)
     with pytest.raises(TypeError, match="num_groups must be an int"):
         resolve_groups(64, True)
+
+
+def test_group_size_requests_respect_min_group_size():
+    """A group size that the policy has to round down is not rounded below min_group_size (7 -> gcd 1
+    would be Instance Norm); an exact group size is honoured as asked."""
+    from groupnorm import norm_layer
+
+    assert resolve_groups(24, group_size=7, policy="gcd", min_group_size=4) == 6
+    assert resolve_groups(24, group_size=7, policy="gcd", min_group_size=1) == 24
+    assert resolve_groups(24, group_size=5, policy="divisor", min_group_size=6) == 4
+    assert resolve_groups(24, group_size=5, policy="divisor", min_group_size=1) == 6
+    assert resolve_groups(24, group_size=1, policy="divisor", min_group_size=4) == 24  # exact: as asked
+    assert norm_layer(group_size=7, policy="gcd", min_group_size=4)(24).num_groups == 6

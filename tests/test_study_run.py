@@ -305,3 +305,39 @@ def test_report_keeps_only_bn_noise_probed_like_the_run():
     tagged = {k[:2]: v["bn_noise"] is not None for k, v in run_results(
         [rec(n, s, True) for n in ("bn", "syncbn") for s in ("iid", "class")], "c", 1).items()}
     assert all(tagged.values()) and len(tagged) == 4
+
+
+def test_repeated_batch_sizes_are_one_run_each():
+    assert cli._int_list("8,8,2, 8") == [8, 2]
+
+
+def test_write_atomic_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    from groupnorm.study import runner
+
+    path = tmp_path / "done.json"
+    runner.write_atomic(path, "old")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runner.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        runner.write_atomic(path, "new, longer text")
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done.json"], "the temporary file was left behind"
+    monkeypatch.undo()
+    runner.write_atomic(path, "new")
+    assert path.read_text() == "new"
+
+
+def test_results_are_the_median_of_the_last_final_epochs():
+    from groupnorm.study import report
+
+    recs = [{"config": "c", "sampling": "iid", "norm": "gn", "batch": 4, "seed": 0, "epoch": e, "val_error": v,
+             "train_error": v / 2, "epoch_seconds": 1.0} for e, v in ((1, 10.0), (2, 20.0), (3, 30.0))]
+    key = ("iid", "gn", 4, 0)
+    for final, expected in ((3, 20.0), (2, 25.0), (1, 30.0)):
+        got = report.run_results(recs, "c", final, epochs=3)[key]
+        assert got["val_error"] == expected and got["train_error"] == expected / 2, final
+    assert report.run_results(recs[:2], "c", 1, epochs=3) == {}  # unfinished: left out
+    assert report.run_results(recs[::-1], "c", 2, epochs=3)[key]["val_error"] == 25.0  # order of the file

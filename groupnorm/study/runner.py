@@ -50,12 +50,18 @@ def recipe_hash(recipe: Recipe) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """path holds either its old text or ``text``, never part of it (a temporary file, fsync'd, then
+    renamed over it); a failed write (disk full, a kill) leaves the old file and no temporary."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def cpu_count() -> int:
