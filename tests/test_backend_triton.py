@@ -389,6 +389,13 @@ def test_plan_paths_for_gpu_suite_shapes():
         # channels-last C = 320 (SD UNet), split: 64-channel tiles divide it, 128 would waste 1/6
         p = gpu._plan(2, 320, 64 * 64, 32, True, cpu)
         assert p["path"] == "split" and p["block_c"] == 64
+        # 256 groups, under 2 per SM: split
+        assert gpu._plan(4, 2048, 256, 64, False, cpu)["path"] == "split"
+        # 64-channel groups of 100: one register tile forward; the backward's tile limit is half (4096)
+        assert gpu._plan(32, 2048, 100, 32, False, cpu)["path"] == "tile"
+        assert gpu._plan(32, 2048, 100, 32, False, cpu, "backward")["path"] == "group"
+        with gpu.tuning(path="tile"):  # a forced tile path still sweeps a group too big for registers
+            assert gpu._plan(1, 512, 256 * 256, 32, False, cpu)["path"] == "group"
 
 
 def test_plan_overrides_restore():

@@ -88,3 +88,11 @@ def test_context_is_read_at_run_time_inside_compiled_code(monkeypatch):
     with groupnorm.use_backend("reference"):
         f(X)
         assert groupnorm.last_backend() == "reference"
+
+
+def test_environment_variable_auto_and_padding(monkeypatch):
+    monkeypatch.setenv("GROUPNORM_BACKEND", "auto")
+    assert not backends.forced()  # "auto" keeps the fast lane
+    monkeypatch.setenv("GROUPNORM_BACKEND", " reference ")
+    group_norm(torch.randn(2, 4, 3), 2)
+    assert groupnorm.last_backend() == "reference"

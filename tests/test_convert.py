@@ -590,3 +590,67 @@ def test_opacus_per_sample_grads_without_a_bias():
         layer.zero_grad()
         layer(x[i:i + 1]).backward(dy[i:i + 1])
         torch.testing.assert_close(grads[layer.weight][i], layer.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_opacus_per_sample_grads_skip_a_frozen_weight():
+    pytest.importorskip("opacus")
+    from groupnorm.opacus_support import per_sample_grads
+
+    layer = GroupNorm(2, 8)
+    layer.weight.requires_grad_(False)
+    assert set(per_sample_grads(layer, [torch.randn(3, 8, 4)], torch.randn(3, 8, 4))) == {layer.bias}
+
+def test_weight_standardization_keeps_dilation_padding_mode_and_eval_mode():
+    from groupnorm.layers import standardize_weight
+
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=2, dilation=2, padding_mode="circular"), nn.BatchNorm2d(8)).eval()
+    x = torch.randn(2, 4, 9, 9)
+    conv = model[0]
+    convert_batchnorm(model, 4, weight_standardization=True)
+    new = model[0]
+    assert isinstance(new, StdConv2d) and new.weight is conv.weight
+    assert new.dilation == (2, 2) and new.padding_mode == "circular" and not new.training
+    expected = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="circular"), standardize_weight(conv.weight, 1e-6), conv.bias,
+                        dilation=2)
+    torch.testing.assert_close(new(x), expected)
+
+
+def test_frozen_batchnorm_by_name_is_not_batch_coupled():
+    class FrozenBatchNorm2d(nn.Module):  # torchvision's name: fixed statistics, per sample
+        def forward(self, x):
+            return x
+
+    assert batch_coupled_layers(nn.Sequential(FrozenBatchNorm2d())) == []
+
+
+def test_batch_independence_sees_position_nan_and_shape_coupling():
+    """Couplings BatchNorm does not show: an output that depends on the sample's place in the batch
+    (only the shuffled run sees it), a statistic that is NaN for a sample alone, an output whose
+    shape follows the batch size."""
+    class AddIndex(nn.Module):
+        def forward(self, x):
+            return x + torch.arange(x.shape[0], dtype=x.dtype).view(-1, 1)
+
+    class BatchStd(nn.Module):
+        def forward(self, x):
+            return (x - x.mean(0, keepdim=True)) / x.std(0, keepdim=True)
+
+    class Tile(nn.Module):
+        def forward(self, x):
+            return x.repeat(1, x.shape[0])
+
+    x = torch.randn(4, 3)
+    r = check_batch_independence(nn.Sequential(AddIndex()), x)
+    assert not r.ok and r["0"].shuffled >= 0.5, r["0"]
+    assert not check_batch_independence(BatchStd(), x).ok
+    assert not check_batch_independence(Tile(), x).ok
+    assert check_batch_independence(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), x).ok  # the control
+
+
+def test_instance_norm_warning_only_when_not_asked_for(caplog):
+    with caplog.at_level(logging.WARNING, logger="groupnorm.convert"):
+        convert_batchnorm(nn.Sequential(nn.BatchNorm2d(4)), 4, min_group_size=1)
+    assert "Instance Norm" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="groupnorm.convert"):
+        convert_batchnorm(nn.Sequential(nn.BatchNorm2d(4)), 4, policy="strict")
+    assert "Instance Norm" in caplog.text

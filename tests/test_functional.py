@@ -376,3 +376,15 @@ def test_forward_mode_ad_gives_torchs_tangent(lane, monkeypatch):
     assert ours is not None and plain is not None
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(plain, plain_ref)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_empty_batch_parameter_gradients_are_zero(backend):
+    """N = 0: dweight and dbias are zeros, not uninitialized memory (a freed buffer of 1e30 first)."""
+    for _ in range(5):
+        junk = torch.full((4096,), 1e30)
+        del junk
+        w = torch.full((4096,), 3.0, requires_grad=True)
+        b = torch.zeros(4096, requires_grad=True)
+        group_norm(torch.randn(0, 4096, 3), 2, w, b, backend=backend).sum().backward()
+        assert torch.equal(w.grad, torch.zeros(4096)) and torch.equal(b.grad, torch.zeros(4096))

@@ -327,3 +327,29 @@ def test_weight_norm_and_parametrize_on_the_layer():
     pm = GroupNorm(4, 16, activation="relu")
     parametrize.register_parametrization(pm, "weight", Double())
     torch.testing.assert_close(pm(x), F.relu(F.group_norm(x, 4, 2 * pm.parametrizations.weight.original, pm.bias)))
+
+
+def test_tanh_gelu_is_not_fused_as_exact_gelu():
+    """GELU(approximate="tanh") is another function (~1e-3 off the exact one): the factory keeps it as
+    its own module instead of fusing "gelu"."""
+    import functools
+
+    from groupnorm.layers import fused_activation
+
+    assert fused_activation(nn.GELU(approximate="tanh")) is None and fused_activation(nn.GELU()) == "gelu"
+    layer = norm_layer(4, act_layer=functools.partial(nn.GELU, approximate="tanh"))(16)
+    x = torch.randn(2, 16, 5, 5)
+    torch.testing.assert_close(layer(x), F.gelu(F.group_norm(x, 4), approximate="tanh"))
+
+
+def test_stdconv_from_conv_keeps_padding_mode_frozen_weight_and_eval_mode():
+    from groupnorm.layers import StdConv2d, standardize_weight
+
+    conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect").eval()
+    conv.weight.requires_grad_(False)
+    std = StdConv2d.from_conv(conv)
+    assert std.padding_mode == "reflect" and not std.training
+    assert not std.weight.requires_grad and std.bias.requires_grad
+    x = torch.randn(2, 3, 6, 6)
+    expected = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), standardize_weight(conv.weight, 1e-6), conv.bias)
+    torch.testing.assert_close(std(x), expected)

@@ -151,3 +151,44 @@ def test_crop_flip_matches_per_image_reference():
         if flip[i]:
             ref = ref.flip(-1)
         assert torch.equal(out[i], ref)
+
+
+def test_non_ubyte_idx_is_refused(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(bytes([0, 0, 0x0D, 1]) + (4).to_bytes(4, "big") + bytes(16))  # float32 IDX
+    with pytest.raises(DataError, match="not an unsigned-byte IDX"):
+        data.read_idx(p)
+
+
+def test_idx_files_named_with_dots_are_found(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for prefix, n in (("train", 20), ("t10k", 10)):
+        data.write_idx(folder / f"{prefix}-images.idx3-ubyte", np.zeros((n, 4, 4), np.uint8))
+        data.write_idx(folder / f"{prefix}-labels.idx1-ubyte", (np.arange(n) % 2).astype(np.uint8))
+    ds = data.load(str(folder))
+    assert ds.train_x.shape == (20, 1, 4, 4) and ds.val_x.shape == (10, 1, 4, 4)
+
+
+def test_stratified_split_rounds_the_held_out_share():
+    y = torch.arange(30) % 3
+    train, val = data.stratified_split(y, 0.29)
+    assert torch.bincount(y[val]).tolist() == [3, 3, 3] and len(train) == 21
+
+
+def test_a_constant_channel_normalizes_to_finite_values():
+    x = torch.full((2, 1, 4, 4), 7, dtype=torch.uint8)
+    mean, std = data.channel_stats(x)
+    assert std.item() == pytest.approx(1e-3) and torch.isfinite(data.to_float(x, mean, std)).all()
+
+
+def test_a_test_subfolder_is_the_validation_split(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("test", 2)):
+        for c in ("a", "b"):
+            (tmp_path / "d" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(tmp_path / "d" / split / c / f"{i}.png")
+    ds = data.load(str(tmp_path / "d"), image_size=4)
+    assert ds.train_x.shape[0] == 6 and ds.val_x.shape[0] == 4 and ds.num_classes == 2

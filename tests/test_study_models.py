@@ -111,3 +111,21 @@ def test_epoch_order():
     chunks = y[cls].view(len(cls), 4, 5)
     assert torch.all(chunks == chunks[..., :1])  # each worker's batch is one class
     assert len(set(chunks[..., 0].flatten().tolist())) > 1
+
+
+def test_learning_rate_scales_with_batch_and_warms_up_from_the_first_step():
+    from groupnorm.study.train import Recipe, learning_rate
+
+    r = Recipe(lr=0.1, warmup_epochs=1.0)
+    assert learning_rate(r, 64, 0, 100, 10) == pytest.approx(0.2 / 10)  # peak 0.1 x 64/32, step 1 of 10
+    assert learning_rate(r, 64, 10, 100, 10) == pytest.approx(0.2)
+    assert learning_rate(r, 64, 99, 100, 10) < 0.01  # cosine to ~0
+
+
+def test_class_sampling_deals_the_class_chunks_in_shuffled_order():
+    """Each worker's batch is one class, but which class goes to which worker at a step is shuffled."""
+    y = torch.arange(200) % 10
+    cls = epoch_order(y, seed=1, epoch=0, workers=4, batch=5, sampling="class")
+    labels = y[cls].view(len(cls), 4, 5)
+    assert all(len(set(b.tolist())) == 1 for b in labels.reshape(-1, 5))
+    assert any(len(set(row.tolist())) > 1 for row in labels[..., 0])

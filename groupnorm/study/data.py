@@ -372,20 +372,10 @@ def to_float(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Te
     return (x.float().div_(255) - mean) / std
 
 
-def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip of a whole batch, in tensor ops.
-
-    The random numbers are drawn for the whole batch from ``generator`` so that every worker of a
-    distributed run can draw the same global numbers and apply its own slice.
-    """
-    n, c, h, w = x.shape
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    flip = torch.rand(n, generator=generator) < 0.5
-    return apply_crop_flip(x, dy, dx, flip, pad)
-
-
 def apply_crop_flip(x, dy, dx, flip, pad: int = 4) -> torch.Tensor:
+    """Random crop (zero padding of ``pad``) at row/column offsets dy, dx in [0, 2 pad] and a horizontal
+    flip where ``flip``, of a whole batch in tensor ops. The caller draws the numbers for the global
+    batch (train.epoch_augmentation), so that every worker of a distributed run applies its slice."""
     n, c, h, w = x.shape
     dev = x.device
     dy, dx, flip = dy.to(dev), dx.to(dev), flip.to(dev)
