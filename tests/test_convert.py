@@ -654,3 +654,18 @@ def test_instance_norm_warning_only_when_not_asked_for(caplog):
     with caplog.at_level(logging.WARNING, logger="groupnorm.convert"):
         convert_batchnorm(nn.Sequential(nn.BatchNorm2d(4)), 4, policy="strict")
     assert "Instance Norm" in caplog.text
+
+
+def test_conversion_summary_rows():
+    """The summary says what each layer became: affine as the BatchNorm's, convolutions with the
+    StdConv's eps (not NaN)."""
+    import math
+
+    from groupnorm import convert_batchnorm
+
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.BatchNorm2d(32, affine=False), nn.BatchNorm2d(32))
+    _, summary = convert_batchnorm(model, weight_standardization=True, return_summary=True)
+    norms = {r.name: r for r in summary.norms()}
+    assert norms["1"].affine is False and norms["2"].affine is True
+    (conv,) = summary.convs()
+    assert conv.name == "0" and not math.isnan(conv.eps) and conv.eps == model[0].eps == 1e-6

@@ -353,3 +353,12 @@ def test_stdconv_from_conv_keeps_padding_mode_frozen_weight_and_eval_mode():
     x = torch.randn(2, 3, 6, 6)
     expected = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), standardize_weight(conv.weight, 1e-6), conv.bias)
     torch.testing.assert_close(std(x), expected)
+
+
+def test_activation_none_is_stored_as_none():
+    """GroupNorm(..., activation="none") is a plain GroupNorm: activation None, torch's repr."""
+    from groupnorm import GroupNorm
+
+    m = GroupNorm(2, 4, activation="none")
+    assert m.activation is None
+    assert repr(m) == repr(GroupNorm(2, 4)) == repr(nn.GroupNorm(2, 4))

@@ -129,3 +129,61 @@ def test_class_sampling_deals_the_class_chunks_in_shuffled_order():
     labels = y[cls].view(len(cls), 4, 5)
     assert all(len(set(b.tolist())) == 1 for b in labels.reshape(-1, 5))
     assert any(len(set(row.tolist())) > 1 for row in labels[..., 0])
+
+
+def test_worker_bn_cumulative_average_momentum():
+    """momentum=None (cumulative moving average) as nn.BatchNorm2d: each worker's BN would hold the
+    plain average of its batches' statistics; ours holds the average of those over workers."""
+    from groupnorm.study.models import WorkerBatchNorm2d
+
+    torch.manual_seed(0)
+    W, C = 2, 3
+    wbn = WorkerBatchNorm2d(C, workers=W, momentum=None)
+    refs = [nn.BatchNorm2d(C, momentum=None) for _ in range(W)]
+    for _ in range(3):
+        x = torch.randn(W * 4, C, 5, 5) * 2 + 1
+        wbn(x)
+        for r, chunk in zip(refs, x.chunk(W)):
+            r(chunk)
+    torch.testing.assert_close(wbn.running_mean, torch.stack([r.running_mean for r in refs]).mean(0))
+    torch.testing.assert_close(wbn.running_var, torch.stack([r.running_var for r in refs]).mean(0))
+
+
+def test_allreduce_bn_on_one_rank_is_batchnorm(tmp_path):
+    """On a one-process gloo group AllReduceBatchNorm2d is nn.BatchNorm2d: output, gradients, and
+    running statistics (the running variance unbiased, as BatchNorm's)."""
+    import torch.distributed as dist
+
+    from groupnorm.study.models import AllReduceBatchNorm2d
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        ours, ref = AllReduceBatchNorm2d(3), nn.BatchNorm2d(3)
+        with torch.no_grad():
+            ours.weight.uniform_(0.5, 2)
+            ours.bias.uniform_(-1, 1)
+        ref.load_state_dict(ours.state_dict())
+        x = torch.randn(4, 3, 2, 3) * 3 + 1
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y1, y2 = ours(x1), ref(x2)
+        torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(y1)
+        y1.backward(g)
+        y2.backward(g)
+        torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.running_mean, ref.running_mean)
+        torch.testing.assert_close(ours.running_var, ref.running_var)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_imagenet_resnets_keep_the_small_stem_up_to_32_px():
+    """resnet18/50 on images of 32 px or less: the 3x3 stride-1 stem, no max pool."""
+    from groupnorm.study.models import build_model
+
+    for size, kernel in ((32, (3, 3)), (33, (7, 7))):
+        model = build_model("resnet18", "gn", in_channels=3, num_classes=10, image_size=size)
+        assert model.stem[0].kernel_size == kernel, size
+        assert any(isinstance(m, nn.MaxPool2d) for m in model.stem) == (size > 32)

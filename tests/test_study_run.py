@@ -1,16 +1,19 @@
 """A tiny study end to end: records, table, figure, verdict; resume after kill -9; the lock."""
 
+import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from groupnorm.study import cli
+from groupnorm.study import cli, runner
 from groupnorm.study.runner import FolderLock, StudyLocked
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -90,7 +93,7 @@ def test_resume_after_kill(tmp_path):
             proc.kill()
     assert (out / ".lock").exists()  # left behind by the killed study: stale, to be taken over
     partial = list(out.glob("runs/*/*/records.jsonl"))
-    assert partial and not list(out.glob("runs/*/*/done.json")) or len(list(out.glob("runs/*/*/done.json"))) < 4
+    assert partial and len(list(out.glob("runs/*/*/done.json"))) < 4, "the kill should land in the middle of the study"
     assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
     records = read_records(out)
     keys = [(r["norm"], r["batch"], r["seed"], r["epoch"]) for r in records]
@@ -341,3 +344,190 @@ def test_results_are_the_median_of_the_last_final_epochs():
         assert got["val_error"] == expected and got["train_error"] == expected / 2, final
     assert report.run_results(recs[:2], "c", 1, epochs=3) == {}  # unfinished: left out
     assert report.run_results(recs[::-1], "c", 2, epochs=3)[key]["val_error"] == 25.0  # order of the file
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+# ----------------------------------------------------------------------------- runner: the lock
+
+def test_lock_of_another_host_is_never_taken_over(tmp_path):
+    """A lock written by a study on another host (shared filesystem) cannot be judged stale by a
+    pid lookup here: it must be refused, even when that pid is free on this host."""
+    (tmp_path / ".lock").write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname() + "-other",
+                                                 "started": "x", "command": "c"}))
+    with pytest.raises(StudyLocked, match="another study is writing"):
+        FolderLock(tmp_path).acquire()
+    assert json.loads((tmp_path / ".lock").read_text())["host"].endswith("-other")
+
+
+def test_release_leaves_a_lock_that_another_process_now_holds(tmp_path):
+    """release() removes the lock only while it still names this process (it may have been judged
+    stale and taken over by another study meanwhile)."""
+    lock = FolderLock(tmp_path).acquire()
+    other = {"pid": os.getpid() + 1, "host": socket.gethostname(), "started": "x", "command": "c"}
+    (tmp_path / ".lock").write_text(json.dumps(other))
+    lock.release()
+    assert json.loads((tmp_path / ".lock").read_text()) == other
+
+
+def test_pid_of_another_user_counts_as_alive(monkeypatch):
+    """os.kill(pid, 0) -> PermissionError means the process exists (another user's): not stale."""
+    def kill(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(runner.os, "kill", kill)
+    assert runner._alive(4242) is True
+
+
+def one_run_args(data, out, *extra):
+    return ["--data", str(data), "--out", str(out), "--norms", "gn", "--batch-sizes", "2", "--workers", "2",
+            "--epochs", "1", "--seeds", "1", "--width", "8", "--min-group-channels", "4", "--jobs", "1",
+            "--threads", "1", "--no-progress", *extra]
+
+
+def test_infinite_numbers_are_refused(tmp_path, capsys):
+    """--lr inf (and --weight-decay inf) would train on NaNs: refused like nan."""
+    for flag in ("--lr", "--weight-decay"):
+        with pytest.raises(SystemExit) as e:
+            cli.run(one_run_args(tmp_path / "d", tmp_path / "o", flag, "inf"))
+        assert e.value.code == 2
+        assert f"argument {flag}: expected" in capsys.readouterr().err
+
+
+def test_quick_leaves_explicit_flags_alone():
+    """--quick fills in only the flags not given (also in --flag=value form)."""
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    argv = ["--quick", "--epochs", "2", "--norms=gn", "--seeds", "5"]
+    args = p.parse_args(argv)
+    cli._apply_quick(args, argv)
+    assert (args.epochs, args.norms, args.seeds) == (2, ["gn"], 5)
+    assert (args.workers, args.batch_sizes, args.train_size) == (4, [32, 4, 1], 3000)
+
+
+def test_fewer_images_than_the_largest_global_batch_is_a_clear_error(tmp_path, capsys):
+    """The check uses the largest N: 64 images cannot make one step of 2 workers x 64."""
+    data = make_idx_folder(tmp_path / "data", n_train=64, n_val=20)
+    args = one_run_args(data, tmp_path / "o")
+    args[args.index("--batch-sizes") + 1] = "64,2"
+    assert cli.run(args) == 2
+    assert "fewer than one global batch (2 x 64)" in capsys.readouterr().err
+
+
+def test_class_sampling_needs_one_class_batch_per_worker(tmp_path, capsys):
+    """With 10 classes of 6-7 images, N = 4 gives 10 one-class batches: too few for 16 workers."""
+    data = make_idx_folder(tmp_path / "data", n_train=64, n_val=20)
+    args = one_run_args(data, tmp_path / "o", "--worker-sampling", "class")
+    args[args.index("--workers") + 1] = "16"
+    args[args.index("--batch-sizes") + 1] = "4"
+    assert cli.run(args) == 2
+    assert "do not fill one global step of 16 such batches at N = 4" in capsys.readouterr().err
+
+
+def test_torchrun_world_must_equal_workers(tmp_path, capsys, monkeypatch):
+    """Under torchrun each worker is a process: 2 processes with --workers 4 are refused up front."""
+    from groupnorm.study import train
+
+    monkeypatch.setattr(train.Dist, "from_env", classmethod(lambda cls: cls(rank=0, world=2)))
+    data = make_idx_folder(tmp_path / "data", n_train=64, n_val=20)
+    args = one_run_args(data, tmp_path / "o")
+    args[args.index("--workers") + 1] = "4"
+    assert cli.run(args) == 2
+    assert "torchrun started 2 processes but --workers is 4" in capsys.readouterr().err
+
+
+def test_no_resume_trains_the_finished_runs_again(tmp_path, capsys):
+    """--no-resume deletes this recipe's runs and trains them again (not 'already done')."""
+    data = make_idx_folder(tmp_path / "data", n_train=64, n_val=20)
+    out = tmp_path / "out"
+    assert cli.run(one_run_args(data, out)) == 0
+    first = (out / "records.jsonl").read_text()
+    capsys.readouterr()
+    assert cli.run(one_run_args(data, out, "--no-resume")) == 0
+    err = capsys.readouterr().err
+    assert "already done" not in err and "done: val error" in err
+    assert len((out / "records.jsonl").read_text().splitlines()) == len(first.splitlines()) == 1
+
+
+def test_parallel_jobs_share_the_cores(tmp_path, monkeypatch):
+    """--jobs J with --threads 0: each job gets cores // J threads (torch and numba), not every core."""
+    from concurrent.futures import Future
+    import queue as queue_mod
+
+    from groupnorm.study.train import Recipe, Run
+
+    submitted = []
+
+    class Pool:
+        def __init__(self, max_workers, **kw):
+            self.max_workers = max_workers
+
+        def submit(self, fn, *args):
+            submitted.append(args)
+            f = Future()
+            f.set_result(None)
+            return f
+
+        def shutdown(self, *a, **k):
+            pass
+
+    class Manager:
+        def __init__(self, ctx=None):
+            pass
+
+        def start(self, *a):
+            pass
+
+        def Queue(self):
+            return queue_mod.Queue()
+
+        def shutdown(self):
+            pass
+
+    monkeypatch.setattr(runner, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(runner, "SyncManager", Manager)
+    monkeypatch.setattr(runner, "cpu_count", lambda: 8)
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "1")
+    runs = [Run("gn", 2, s) for s in range(3)]
+    study = runner.Study(Recipe(), runs, tmp_path)
+    study._run_parallel(runs, 2, runner._Bars(study, runs, 2, enabled=False, main=False))
+    assert [a[-1] for a in submitted] == [4, 4, 4]
+    assert os.environ["NUMBA_NUM_THREADS"] == "4"
+
+
+def test_a_resumed_run_continues_exactly(tmp_path):
+    """Stopped after epoch 1 and resumed from its checkpoint, a run gives the records an
+    uninterrupted run gives (model and optimizer momentum restored)."""
+    from groupnorm.study.data import DataSet
+    from groupnorm.study.train import Recipe, Run, train_run
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same arithmetic in both runs; restored below
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (96, 1, 12, 12), generator=g, dtype=torch.uint8)
+    y = torch.arange(96) % 4
+    x[torch.arange(96), 0, y * 3, :] = 255
+    ds = DataSet("tiny", x, y, x[:16], y[:16], 4, "random")
+    recipe = Recipe(workers=2, epochs=2, width=8, min_group_channels=4, lr=0.4, warmup_epochs=0.0, probe_size=16)
+    run = Run("bn", 4, 0)
+    full = train_run(recipe, run, ds)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_epoch(event, **info):
+        if event == "epoch":
+            raise Stop
+
+    ckpt = str(tmp_path / "checkpoint.pt")
+    with pytest.raises(Stop):
+        train_run(recipe, run, ds, checkpoint=ckpt, progress=stop_after_first_epoch)
+    resumed = train_run(recipe, run, ds, checkpoint=ckpt)
+    torch.set_num_threads(threads)
+    assert [r["epoch"] for r in resumed] == [1, 2]
+    for key in ("train_loss", "val_loss", "val_error", "train_error"):
+        assert resumed[1][key] == pytest.approx(full[1][key], rel=1e-5, abs=1e-6), key
