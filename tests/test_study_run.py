@@ -409,35 +409,31 @@ def test_quick_leaves_explicit_flags_alone():
     assert (args.workers, args.batch_sizes, args.train_size) == (4, [32, 4, 1], 3000)
 
 
-def test_fewer_images_than_the_largest_global_batch_is_a_clear_error(tmp_path, capsys):
-    """The check uses the largest N: 64 images cannot make one step of 2 workers x 64."""
-    data = make_idx_folder(tmp_path / "data", n_train=64, n_val=20)
-    args = one_run_args(data, tmp_path / "o")
-    args[args.index("--batch-sizes") + 1] = "64,2"
-    assert cli.run(args) == 2
-    assert "fewer than one global batch (2 x 64)" in capsys.readouterr().err
-
-
-def test_class_sampling_needs_one_class_batch_per_worker(tmp_path, capsys):
-    """With 10 classes of 6-7 images, N = 4 gives 10 one-class batches: too few for 16 workers."""
-    data = make_idx_folder(tmp_path / "data", n_train=64, n_val=20)
-    args = one_run_args(data, tmp_path / "o", "--worker-sampling", "class")
-    args[args.index("--workers") + 1] = "16"
-    args[args.index("--batch-sizes") + 1] = "4"
-    assert cli.run(args) == 2
-    assert "do not fill one global step of 16 such batches at N = 4" in capsys.readouterr().err
-
-
-def test_torchrun_world_must_equal_workers(tmp_path, capsys, monkeypatch):
-    """Under torchrun each worker is a process: 2 processes with --workers 4 are refused up front."""
+@pytest.mark.parametrize(
+    "changes, extra, world, message",
+    [
+        # the check uses the largest N: 64 images cannot make one step of 2 workers x 64
+        ({"--batch-sizes": "64,2"}, (), 1, "fewer than one global batch (2 x 64)"),
+        # 10 classes of 6-7 images at N = 4: 10 one-class batches, too few for 16 workers
+        ({"--workers": "16", "--batch-sizes": "4"}, ("--worker-sampling", "class"), 1,
+         "do not fill one global step of 16 such batches at N = 4"),
+        # under torchrun each worker is a process: 2 processes with --workers 4
+        ({"--workers": "4"}, (), 2, "torchrun started 2 processes but --workers is 4"),
+    ],
+    ids=["largest-global-batch", "class-sampling", "torchrun-world"],
+)
+def test_a_grid_the_data_or_processes_cannot_feed_is_refused_up_front(changes, extra, world, message, tmp_path,
+                                                                       capsys, monkeypatch):
     from groupnorm.study import train
 
-    monkeypatch.setattr(train.Dist, "from_env", classmethod(lambda cls: cls(rank=0, world=2)))
+    if world > 1:
+        monkeypatch.setattr(train.Dist, "from_env", classmethod(lambda cls: cls(rank=0, world=world)))
     data = make_idx_folder(tmp_path / "data", n_train=64, n_val=20)
-    args = one_run_args(data, tmp_path / "o")
-    args[args.index("--workers") + 1] = "4"
+    args = one_run_args(data, tmp_path / "o", *extra)
+    for flag, value in changes.items():
+        args[args.index(flag) + 1] = value
     assert cli.run(args) == 2
-    assert "torchrun started 2 processes but --workers is 4" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_no_resume_trains_the_finished_runs_again(tmp_path, capsys):
