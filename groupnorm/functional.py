@@ -215,6 +215,13 @@ def quiet_trace_checks():
         yield
 
 
+def eps_error(eps, usual: str = "1e-5") -> Exception:
+    """The error for an eps that is not a positive finite number (a Tensor: a TypeError saying float(eps))."""
+    if isinstance(eps, Tensor):
+        return TypeError(f"eps must be a Python number, got a Tensor ({eps!r}); pass float(eps)")
+    return ValueError(f"eps must be a positive finite number, got {eps!r}; the usual value is {usual}")
+
+
 def _check_param(name: str, p, x: Tensor) -> None:
     if p is None:
         return
@@ -263,9 +270,7 @@ def check_inputs(input, num_groups, weight, bias, eps, activation) -> str:
     if not (type(eps) is float and 0 < eps < math.inf) and (
         isinstance(eps, bool) or not isinstance(eps, (numbers.Real, torch.SymFloat, torch.SymInt)) or not (0 < eps < math.inf)
     ):
-        if isinstance(eps, Tensor):
-            raise TypeError(f"eps must be a Python number, got a Tensor ({eps!r}); pass float(eps)")
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}; the usual value is 1e-5")
+        raise eps_error(eps)
     _check_param("weight", weight, input)
     _check_param("bias", bias, input)
     act = "none" if activation is None else activation

@@ -16,7 +16,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from groupnorm.functional import _is_expanded_weight, _tracing_state, group_norm, quiet_trace_checks
+from groupnorm.functional import _is_expanded_weight, _tracing_state, eps_error, group_norm, quiet_trace_checks
 from groupnorm.groups import check_request, resolve_groups
 
 
@@ -37,9 +37,7 @@ torch.fx.wrap("_layer_group_norm")
 
 def _check_eps(eps, usual: str = "1e-5") -> None:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 < eps < math.inf):
-        if isinstance(eps, torch.Tensor):
-            raise TypeError(f"eps must be a Python number, got a Tensor ({eps!r}); pass float(eps)")
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}; the usual value is {usual}")
+        raise eps_error(eps, usual)
 
 
 def _check_eps_activation(eps, activation) -> None:

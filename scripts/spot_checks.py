@@ -52,6 +52,10 @@ Session 9 additions:
     python scripts/spot_checks.py torch-segv    # torch 2.13's crash (channels-last, weight gradient alone) vs ours
     python scripts/spot_checks.py ddp-exit 20   # torchrun runs failing at exit: destroy_process_group alone vs Dist.leave
 
+Session 10 addition:
+
+    python scripts/spot_checks.py cold-bwd --groups 8 1x64x32x32x32   # backward with the caches flushed, none vs ReLU
+
 huge-values: max relative error against float64 of y and dx (float32 input of std 1e18..1e30, G = 4)
 for the numba and composite backends and torch.nn.functional.group_norm, both layouts.
 
@@ -786,12 +790,48 @@ def ddp_exit(runs: int) -> None:
                   "without an active exception')")
 
 
+def cold_bwd(shape: tuple, groups: int, threads: int, rounds: int) -> None:
+    """Our layer's backward through autograd (the bench's "bwd") with the caches flushed before each
+    call (a 64 MiB buffer written), contiguous and channels-last, without an activation and with ReLU:
+    what a backward costs when the saved input comes back from memory, as in a real network."""
+    torch.set_num_threads(threads)
+    numba.set_num_threads(threads)
+    flush = torch.empty(64 << 20, dtype=torch.uint8)
+    fmt = torch.channels_last_3d if len(shape) == 5 else torch.channels_last
+    for layout in ("contiguous", "channels_last"):
+        cases = {}
+        for act in ("none", "relu"):
+            x = torch.randn(shape)
+            x = (x if layout == "contiguous" else x.contiguous(memory_format=fmt)).requires_grad_()
+            dy = torch.randn_like(x)
+            layer = groupnorm.GroupNorm(groups, shape[1], activation=None if act == "none" else act)
+            y = layer(x)
+            params = [x, layer.weight, layer.bias]
+
+            def f(y=y, params=params, dy=dy):
+                flush.add_(1)
+                t0 = time.perf_counter()
+                torch.autograd.grad(y, params, dy, retain_graph=True)
+                return time.perf_counter() - t0
+
+            cases[act] = f
+        for f in cases.values():
+            f()
+        times = {k: [] for k in cases}
+        for _ in range(rounds):
+            for k, f in cases.items():
+                times[k].append(f())
+        print(f"{shape} G={groups} {layout}, {threads} thread(s), cold-cache backward medians of {rounds}: "
+              + ", ".join(f"{k} {statistics.median(v) * 1e3:.3f} ms" for k, v in times.items()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["silu", "large-mean", "paths", "kernel-ab", "activation-error", "forward-floor",
                                     "nt-store", "train-profile", "stats-accuracy", "neighbour-bias",
                                     "geomeans", "openmp-runtimes", "engine-cost", "cl-blocks", "startup",
-                                    "bitwise-ab", "huge-values", "exp-poly", "cl-rows", "torch-segv", "ddp-exit"])
+                                    "bitwise-ab", "huge-values", "exp-poly", "cl-rows", "torch-segv", "ddp-exit",
+                                    "cold-bwd"])
     p.add_argument("args", nargs="*", help="paths, neighbour-bias: a shape (default 32 1024 14 14, 8 2048 7 7); kernel-ab: fwd|bwd then shapes like 8x2048x7x7; geomeans: bench --out folders")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
@@ -823,6 +863,9 @@ def main() -> None:
         torch_segv()
     elif a.what == "ddp-exit":
         ddp_exit(int(a.args[0]) if a.args else 20)
+    elif a.what == "cold-bwd":
+        cold_bwd(tuple(int(v) for v in a.args[0].split("x")) if a.args else (1, 64, 32, 32, 32),
+                 a.groups, a.threads, max(a.rounds, 21))
     elif a.what == "exp-poly":
         exp_poly(a.old, a.rounds)
     elif a.what == "activation-error":

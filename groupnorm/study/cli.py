@@ -156,8 +156,13 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+def _given(argv: list[str]) -> set[str]:
+    """The flags written on the command line (``--epochs 3`` and ``--epochs=3`` alike)."""
+    return {a.split("=")[0] for a in argv if a.startswith("--")}
+
+
 def _apply_quick(args: argparse.Namespace, argv: list[str]) -> None:
-    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    given = _given(argv)
     for key, value in QUICK.items():
         if "--" + key.replace("_", "-") not in given:
             parser_value = _int_list(value) if key == "batch_sizes" else _norm_list(value) if key == "norms" else value
@@ -182,7 +187,7 @@ def main(args: argparse.Namespace) -> int:
         print("error: --workers, --epochs and --seeds must be at least 1", file=sys.stderr)
         return 2
     if args.final_epochs > args.epochs:
-        if any(a.split("=")[0] == "--final-epochs" for a in argv):
+        if "--final-epochs" in _given(argv):
             print(f"error: --final-epochs {args.final_epochs} is more than --epochs {args.epochs} (the error reported "
                   f"is the median of the last --final-epochs epochs); give at most {args.epochs}", file=sys.stderr)
             return 2

@@ -91,11 +91,7 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+        return _AllReduceSum.apply(grad)
 
 
 class AllReduceBatchNorm2d(nn.BatchNorm2d):
