@@ -18,10 +18,12 @@ Suites (CPU): resnet (ResNet-50 stage shapes at batch 2, 8, 32, G=32), diffusion
 1d (sequence shapes), small (per-call overhead). gpu (with --device cuda): SD/SDXL UNet
 and VAE shapes in bfloat16 with SiLU, with achieved bandwidth against the measured copy
 bandwidth. The train benchmark times whole SGD steps of a small ResNet with groupnorm's
-GroupNorm, torch.nn.GroupNorm and torch.nn.BatchNorm2d.
+GroupNorm, torch.nn.GroupNorm and torch.nn.BatchNorm2d. Your own layers' shapes: --shape
+(with --groups and --activation), in place of the suites.
 
 Examples:
   groupnorm bench --quick --out /tmp/gnbench
+  groupnorm bench --shape 16x256x64x64 16x512x32x32 --groups 32 --activation silu
   groupnorm bench --suite resnet diffusion --layouts channels_last --plot --out results/
   groupnorm bench --suite resnet --steady-malloc --out results/
   groupnorm bench --device cuda --suite gpu --out results/
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import io
 import json
 import math
 import os
@@ -89,9 +92,31 @@ ACT_MODULES = {"none": nn.Identity, "relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def parse_shape(text: str) -> tuple:
+    """'8x256x56x56' -> (8, 256, 56, 56): an (N, C, *spatial) shape for --shape."""
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a shape; write N x C x spatial sizes joined by 'x', e.g. 8x256x56x56") from None
+    if len(shape) < 2 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a GroupNorm input is (N, C, *spatial) with every size >= 1, e.g. 8x256x56x56")
+    return shape
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", nargs="+", choices=sorted(SUITES) + ["all"], default=None,
-                        help="shape suites to run (default: all CPU suites, or gpu with --device cuda)")
+                        help="shape suites to run (default: all CPU suites, or gpu with --device cuda; "
+                             "none when --shape is given)")
+    parser.add_argument("--shape", nargs="+", type=parse_shape, default=None, metavar="NxCx...",
+                        help="your own input shapes, e.g. --shape 16x256x64x64 4x64x32x32x32 (timed with "
+                             "--groups and --activation; no training step unless --train yes)")
+    parser.add_argument("--groups", type=int, default=32, help="G for the --shape inputs")
+    parser.add_argument("--activation", choices=tuple(ACT_MODULES), default="none",
+                        help="activation fused after GroupNorm for the --shape inputs (torch.nn.GroupNorm "
+                             "is followed by the same module)")
     parser.add_argument("--quick", action="store_true", help="a few small shapes and a tiny training step (seconds)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where to time: cpu (the numba kernels) or cuda (the Triton kernels, CUDA events)")
@@ -104,8 +129,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=11, help="timed rounds per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (JIT compile, allocator)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch and numba (default: all)")
-    parser.add_argument("--train", choices=("yes", "no", "only"), default="yes",
-                        help="also time whole training steps (forward, backward, SGD) of a small ResNet")
+    parser.add_argument("--train", choices=("yes", "no", "only"), default=None,
+                        help="also time whole training steps (forward, backward, SGD) of a small ResNet "
+                             "(default: yes, or no with --shape)")
     parser.add_argument("--out", type=Path, default=None, help="directory for bench.csv, bench.json (and bench.png)")
     parser.add_argument("--plot", action="store_true", help="also save a PNG of the speedups (needs --out)")
     parser.add_argument("--steady-malloc", action="store_true",
@@ -524,22 +550,28 @@ def busy_warning(threads: int) -> str | None:
     return None
 
 
-def write_outputs(out: Path, info, rows, train_rows, targets, plot: bool) -> list[Path]:
+def _csv_text(rows: list[dict], fieldnames: list) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fieldnames)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_outputs(out: Path, info, rows, train_rows, targets, plot: bool, complete: bool = True) -> list[Path]:
+    """bench.csv, bench_train.csv (with training rows), bench.json and, with plot, bench.png; each file
+    is replaced whole (files.write_atomic). main() writes them after every case too (complete=False,
+    recorded in bench.json), so that a run stopped part way keeps what it measured."""
+    from groupnorm.files import write_atomic
+
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    with open(out / "bench.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ROW_COLS)
-        writer.writeheader()
-        writer.writerows(rows)
-    written.append(out / "bench.csv")
+    written = [out / "bench.csv"]
+    write_atomic(out / "bench.csv", _csv_text(rows, list(rows[0]) if rows else ROW_COLS))
     if train_rows:
-        with open(out / "bench_train.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(train_rows[0]))
-            writer.writeheader()
-            writer.writerows(train_rows)
+        write_atomic(out / "bench_train.csv", _csv_text(train_rows, list(train_rows[0])))
         written.append(out / "bench_train.csv")
-    with open(out / "bench.json", "w") as f:
-        json.dump({"machine": info, "kernels": rows, "training": train_rows, "targets": targets}, f, indent=1)
+    write_atomic(out / "bench.json", json.dumps({"machine": info, "complete": complete, "kernels": rows,
+                                                 "training": train_rows, "targets": targets}, indent=1))
     written.append(out / "bench.json")
     if plot and rows:
         written.append(_plot(out / "bench.png", rows))
@@ -579,10 +611,78 @@ def _plot(path: Path, rows) -> Path:
 STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
 
 
+def _available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+# tensors of one case alive at once, in units of the input: x, dy, our y and dx, torch's y (and the
+# activation's output) and dx, the floor's copy, autograd's saved tensors, with some slack
+_LIVE_COPIES = 10
+
+
+def _shape_arguments_problem(args) -> str | None:
+    """What is wrong with --shape/--groups/--activation, or None."""
+    if not args.shape:
+        if args.groups != 32 or args.activation != "none":
+            return "--groups and --activation apply to --shape inputs (the suites set their own); add --shape"
+        return None
+    if args.quick:
+        return "--quick times its own few shapes; drop --quick to time --shape inputs"
+    if args.train == "only":
+        return "--train only times the training step, not the --shape inputs; drop one of them"
+    if args.groups < 1:
+        return f"--groups must be >= 1, got {args.groups}"
+    for shape in args.shape:
+        C = shape[1]
+        if C % args.groups:
+            divisors = [d for d in (32, 16, 8, 4, 2, 1) if C % d == 0]
+            return (f"--groups {args.groups} does not divide the {C} channels of --shape "
+                    f"{'x'.join(map(str, shape))}; give a --groups that divides {C} (e.g. {divisors[0]})")
+    avail = _available_bytes() if args.device == "cpu" else None
+    if avail:
+        itemsize = DTYPES[args.dtype].itemsize if args.dtype else 4
+        for shape in args.shape:
+            need = math.prod(shape) * itemsize * _LIVE_COPIES
+            if need > avail:
+                return (f"--shape {'x'.join(map(str, shape))} needs about {need / 2**30:.1f} GiB while timed "
+                        f"({_LIVE_COPIES} tensors of its size) and {avail / 2**30:.1f} GiB is available; "
+                        "give a smaller batch or size")
+    return None
+
+
 def _reexec_with_steady_malloc(argv: list[str]) -> None:
     env = dict(os.environ, **STEADY_MALLOC)
     print("groupnorm bench: restarting with " + " ".join(f"{k}={v}" for k, v in STEADY_MALLOC.items()), flush=True)
     os.execve(sys.executable, [sys.executable, "-m", "groupnorm", *argv], env)
+
+
+def _run_cases(args, cases, layouts, device, timer, info, rows: list) -> None:
+    """Time every case (appending to rows); with --out, the files are rewritten after each one."""
+    if args.train == "only":
+        return
+    for suite, shape, G, act in cases:
+        dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if suite == "gpu" else torch.float32)
+        for layout in layouts:
+            if layout == "channels_last" and len(shape) < 3:
+                continue
+            case_rows = bench_case(shape, G, act, layout, dtype, device, args.backend, timer, args.repeats, args.warmup)
+            for r in case_rows:
+                r["suite"] = suite
+            rows.extend(case_rows)
+            fb = case_rows[-1]
+            print(f"  {suite:9s} {fb['shape']:>18s} G={G:<3d} {act:4s} {layout:13s} fwd+bwd {fb['ours_ms']:9.3f} ms"
+                  f"  torch {fb['torch_ms']:9.3f} ms  {fb['speedup']:5.2f}x  floor {fb['vs_floor']:5.2f}x"
+                  f"  [{fb['backend']}]", flush=True)
+            if args.out is not None:
+                write_outputs(args.out, info, rows, [], summarize(rows, []), plot=False, complete=False)
 
 
 def main(args) -> int:
@@ -598,6 +698,12 @@ def main(args) -> int:
     if args.repeats < 1 or args.warmup < 0:
         print("groupnorm bench: --repeats must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
+    shape_problem = _shape_arguments_problem(args)
+    if shape_problem:
+        print(f"groupnorm bench: {shape_problem}", file=sys.stderr)
+        return 2
+    if args.train is None:
+        args.train = "no" if args.shape else "yes"
     if device == "cpu" and not args.quick and args.suite and "gpu" in args.suite:
         print("groupnorm bench: the gpu suite is for --device cuda (SD/SDXL shapes of up to 256 MiB in bfloat16, "
               f"sized for a GPU); on the CPU choose from {', '.join(CPU_SUITES)}", file=sys.stderr)
@@ -611,7 +717,7 @@ def main(args) -> int:
             print(f"groupnorm bench: --backend: {exc}", file=sys.stderr)
             return 2
     if args.out is not None:  # before minutes of timing, not after
-        from groupnorm.cli import output_dir_problem
+        from groupnorm.files import output_dir_problem
 
         problem = output_dir_problem(args.out)
         if problem:
@@ -630,10 +736,11 @@ def main(args) -> int:
     if args.quick:
         cases = [("quick", *c) for c in QUICK]
     else:
-        names = args.suite or (["gpu"] if device == "cuda" else list(CPU_SUITES))
+        names = args.suite or ([] if args.shape else ["gpu"] if device == "cuda" else list(CPU_SUITES))
         if "all" in names:
             names = list(CPU_SUITES) + (["gpu"] if device == "cuda" else [])
         cases = [(name, *c) for name in names for c in SUITES[name]]
+        cases += [("custom", shape, args.groups, args.activation) for shape in dict.fromkeys(args.shape or ())]
     layouts = ["contiguous", "channels_last"] if args.layouts == "both" else [args.layouts]
     timer = Timer(device)
     info = machine_info(device)
@@ -648,20 +755,15 @@ def main(args) -> int:
         print(f"groupnorm bench: warning: {busy}", file=sys.stderr, flush=True)
 
     rows = []
-    if args.train != "only":
-        for suite, shape, G, act in cases:
-            dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if suite == "gpu" else torch.float32)
-            for layout in layouts:
-                if layout == "channels_last" and len(shape) < 3:
-                    continue
-                case_rows = bench_case(shape, G, act, layout, dtype, device, args.backend, timer, args.repeats, args.warmup)
-                for r in case_rows:
-                    r["suite"] = suite
-                rows.extend(case_rows)
-                fb = case_rows[-1]
-                print(f"  {suite:9s} {fb['shape']:>18s} G={G:<3d} {act:4s} {layout:13s} fwd+bwd {fb['ours_ms']:9.3f} ms"
-                      f"  torch {fb['torch_ms']:9.3f} ms  {fb['speedup']:5.2f}x  floor {fb['vs_floor']:5.2f}x"
-                      f"  [{fb['backend']}]", flush=True)
+    try:
+        _run_cases(args, cases, layouts, device, timer, info, rows)
+    except KeyboardInterrupt:
+        kept = ""
+        if args.out is not None and rows:
+            write_outputs(args.out, info, rows, [], summarize(rows, []), plot=False, complete=False)
+            kept = f"; the {len(rows) // 3} cases (shape and layout) timed so far are in {args.out}"
+        print(f"\ngroupnorm bench: interrupted{kept}", file=sys.stderr)
+        return 130
     train_rows = []
     if args.train != "no":
         train_rows = bench_training(device, timer, max(3, args.repeats // 2 if args.quick else args.repeats),

@@ -46,7 +46,7 @@ def test_quick_bench_writes_csv_json_and_plot(quick_run):
         assert math.isclose(float(r["vs_floor"]), float(r["ours_ms"]) / float(r["floor_ms"]), rel_tol=1e-6)
 
     data = json.loads((out / "bench.json").read_text())
-    assert set(data) == {"machine", "kernels", "training", "targets"}
+    assert set(data) == {"machine", "complete", "kernels", "training", "targets"} and data["complete"] is True
     assert data["machine"]["torch"] and data["machine"]["cpu_count"] >= 1
     assert len(data["kernels"]) == len(rows)
     norms = {(r["norm"], r["layout"]) for r in data["training"]}
@@ -208,3 +208,90 @@ def test_summarize_reads_each_ratio_the_right_way_round():
     got = met([], train)
     assert got["GN ResNet training step (contiguous) no slower than BatchNorm2d"]
     assert not got["GN ResNet training step (channels_last) no slower than BatchNorm2d"]
+
+
+def test_your_own_shapes_are_timed_with_their_groups_and_activation(tmp_path, capsys):
+    """--shape: exactly the shapes given (a repeat once), G and activation as asked, no training step."""
+    out = tmp_path / "mine"
+    rc = main(["bench", "--shape", "2x8x4x4", "3x6x5", "2x8x4x4", "--groups", "2", "--activation", "silu",
+               "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    doc = json.loads((out / "bench.json").read_text())
+    assert doc["complete"] is True and doc["training"] == [] and not (out / "bench_train.csv").exists()
+    got = sorted((r["suite"], r["shape"], r["groups"], r["activation"], r["layout"], r["pass"]) for r in doc["kernels"])
+    want = sorted(("custom", shape, 2, "silu", layout, pas)
+                  for shape in ("2x8x4x4", "3x6x5")
+                  for layout in ("contiguous", "channels_last")
+                  for pas in ("fwd", "bwd", "fwdbwd"))
+    assert got == want
+    with open(out / "bench.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(want)
+    assert "training step" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--shape", "2x48x4x4"], "--groups 32 does not divide the 48 channels of --shape 2x48x4x4; give a --groups "
+                              "that divides 48 (e.g. 16)"),
+    (["--groups", "16"], "--groups and --activation apply to --shape inputs"),
+    (["--activation", "relu", "--suite", "small"], "--groups and --activation apply to --shape inputs"),
+    (["--quick", "--shape", "2x8x4x4", "--groups", "4"], "drop --quick"),
+    (["--shape", "2x8x4x4", "--groups", "4", "--train", "only"], "--train only times the training step"),
+    (["--shape", "2x8x4x4", "--groups", "0"], "--groups must be >= 1"),
+])
+def test_shape_arguments_are_checked_before_timing(argv, message, capsys):
+    assert main(["bench", *argv]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "groupnorm bench on" not in captured.out
+
+
+@pytest.mark.parametrize("text,message", [
+    ("8x256xfoo", "is not a shape"),
+    ("8", "(N, C, *spatial)"),
+    ("8x0x4", "every size >= 1"),
+])
+def test_a_shape_that_is_not_one_is_an_argument_error(text, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--shape", text])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_shape_too_large_for_memory_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "_available_bytes", lambda: 2**30)
+    # 2 x 64 x 256 x 256 float32 = 32 MiB: ten copies fit 1 GiB; 8 x 256 x 256 x 256 = 512 MiB: not
+    assert bench._shape_arguments_problem(bench_args("--shape", "2x64x256x256")) is None
+    assert main(["bench", "--shape", "8x256x256x256"]) == 2
+    err = capsys.readouterr().err
+    assert "--shape 8x256x256x256 needs about 5.0 GiB" in err and "1.0 GiB is available" in err
+    assert main(["bench", "--shape", "8x256x256x128", "--dtype", "bfloat16"]) == 2  # 128 MiB a copy in bfloat16
+    assert "needs about 1.2 GiB" in capsys.readouterr().err
+
+
+def bench_args(*argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_an_interrupted_bench_keeps_what_it_timed(tmp_path, monkeypatch, capsys):
+    """Files are rewritten after every case (atomically), and Ctrl-C says where they are."""
+    real = bench.bench_case
+    calls = []
+
+    def second_call_interrupted(*a, **k):
+        calls.append(a[0])
+        if len(calls) == 2:
+            assert json.loads((tmp_path / "bench.json").read_text())["complete"] is False  # already on disk
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(bench, "bench_case", second_call_interrupted)
+    rc = main(["bench", "--shape", "2x8x4x4", "--groups", "2", "--repeats", "1", "--warmup", "0", "--threads", "1",
+               "--out", str(tmp_path)])
+    assert rc == 130
+    assert "interrupted; the 1 cases (shape and layout) timed so far are in" in capsys.readouterr().err
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert doc["complete"] is False
+    assert {(r["shape"], r["layout"]) for r in doc["kernels"]} == {("2x8x4x4", "contiguous")}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.csv", "bench.json"]  # no temporary files left

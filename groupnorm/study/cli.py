@@ -192,7 +192,7 @@ def main(args: argparse.Namespace) -> int:
                   f"is the median of the last --final-epochs epochs); give at most {args.epochs}", file=sys.stderr)
             return 2
         args.final_epochs = args.epochs  # the default 3 with fewer epochs: all of them
-    from groupnorm.cli import output_dir_problem
+    from groupnorm.files import output_dir_problem
 
     problem = output_dir_problem(args.out) if Dist.from_env().is_main else None
     if problem:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from groupnorm.files import write_atomic
 from groupnorm.study import data as data_mod
 from groupnorm.study.train import Dist, Recipe, Run, train_run
 
@@ -47,21 +48,6 @@ def recipe_hash(recipe: Recipe) -> str:
     d["final_epochs"] = Recipe.final_epochs
     blob = json.dumps(d, sort_keys=True).encode()
     return hashlib.sha1(blob).hexdigest()[:10]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """path holds either its old text or ``text``, never part of it (a temporary file, fsync'd, then
-    renamed over it); a failed write (disk full, a kill) leaves the old file and no temporary."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def cpu_count() -> int:
