@@ -259,6 +259,12 @@ def check_inputs(input, num_groups, weight, bias, eps, activation) -> str:
     if type(num_groups) is not int and (  # the common case first: the ABC checks cost microseconds
         isinstance(num_groups, bool) or not isinstance(num_groups, (numbers.Integral, torch.SymInt))
     ):
+        if getattr(num_groups, "ndim", None) == 0 and torch.compiler.is_compiling():
+            # Dynamo hands a NumPy integer over as a 0-d array, which cannot be read (nor printed)
+            # without a graph break
+            raise TypeError("num_groups must be an int; under torch.compile a NumPy integer arrives as an "
+                            "array: make it a Python int with int() outside the compiled code (e.g. where the "
+                            "model is built)")
         raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__} {num_groups!r}")
     if num_groups <= 0 or num_groups > C:
         raise ValueError(f"num_groups must be in [1, C={C}], got {num_groups}; group counts that divide {C}: {divisors(C)}")

@@ -524,3 +524,17 @@ def test_cuda_against_torch(shape, G, layout, dtype, act):
     check(db, bd.grad.cpu(), dtype, "dbias")
     again = run(x, w, b, G, act, dy=dy)
     assert torch.equal(again[0], y) and torch.equal(again[3], dx) and torch.equal(again[4], dw)
+
+
+@needs_gpu
+def test_auto_chooses_per_dtype_on_cuda(monkeypatch):
+    """"auto" decides once per (device type, dtype, activation): the Triton kernels for float32 CUDA
+    input, composite for float64 (which they do not take), whichever dtype comes first."""
+    from groupnorm import group_norm, last_backend
+
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    x = torch.randn(2, 8, 4, 4, device="cuda")
+    for dtype, expected in ((torch.float64, "composite"), (torch.float32, "triton"), (torch.float64, "composite")):
+        y = group_norm(x.to(dtype), 2)
+        assert last_backend() == expected, dtype
+        torch.testing.assert_close(y, torch.nn.functional.group_norm(x.to(dtype), 2))

@@ -295,3 +295,83 @@ def test_an_interrupted_bench_keeps_what_it_timed(tmp_path, monkeypatch, capsys)
     assert doc["complete"] is False
     assert {(r["shape"], r["layout"]) for r in doc["kernels"]} == {("2x8x4x4", "contiguous")}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.csv", "bench.json"]  # no temporary files left
+
+
+def test_shapes_with_suites_and_two_dimensional_shapes(tmp_path):
+    """--shape next to --suite times both; an (N, C) shape has no channels-last layout of its own, so
+    it is timed once (contiguous)."""
+    rc = main(["bench", "--suite", "small", "--shape", "4x8", "2x8x4x4", "--groups", "2", "--repeats", "1",
+               "--warmup", "0", "--threads", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    got = {(r["suite"], r["shape"], r["layout"]) for r in doc["kernels"] if r["pass"] == "fwdbwd"}
+    small = {("small", "x".join(map(str, shape)), layout)
+             for shape, _, _ in bench.SUITES["small"] for layout in ("contiguous", "channels_last")}
+    custom = {("custom", "4x8", "contiguous"), ("custom", "2x8x4x4", "contiguous"), ("custom", "2x8x4x4", "channels_last")}
+    assert got == small | custom
+
+
+def test_every_shape_is_checked_not_only_the_first(monkeypatch):
+    """(The checks themselves, not main(): a check that missed the large shape would start timing it.)"""
+    problem = bench._shape_arguments_problem(bench_args("--shape", "2x8x4x4", "2x12x4x4", "--groups", "8"))
+    assert problem.startswith("--groups 8 does not divide the 12 channels of --shape 2x12x4x4")
+    monkeypatch.setattr(bench, "_available_bytes", lambda: 2**30)
+    problem = bench._shape_arguments_problem(bench_args("--shape", "8x256x256x256", "2x8x4x4", "--groups", "2"))
+    assert problem.startswith("--shape 8x256x256x256 needs about 5.0 GiB")
+
+
+@pytest.mark.parametrize("text", ["2x8x4", "2,8,4", "2X8X4"])
+def test_shape_syntax(text):
+    assert bench.parse_shape(text) == (2, 8, 4)
+
+
+def test_results_without_kernel_rows_still_have_the_csv_header(tmp_path):
+    """--train only times no kernels: bench.csv is the header alone, bench.json has no kernels."""
+    train = [{"norm": "groupnorm", "layout": "contiguous", "step_ms": 2.0, "vs_batchnorm": 1.0}]
+    written = bench.write_outputs(tmp_path, {"cpu": "test"}, [], train, [], plot=True)
+    assert [p.name for p in written] == ["bench.csv", "bench_train.csv", "bench.json"]  # no plot of nothing
+    assert (tmp_path / "bench.csv").read_text().strip() == ",".join(bench.ROW_COLS)
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert doc["kernels"] == [] and doc["training"] == train and doc["complete"] is True
+
+
+def test_output_dir_problem_says_what_is_wrong_and_creates_nothing(tmp_path):
+    from groupnorm.files import output_dir_problem
+
+    file = tmp_path / "a_file"
+    file.write_text("x")
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    assert output_dir_problem(tmp_path) is None
+    assert output_dir_problem(tmp_path / "new" / "deeper") is None and not (tmp_path / "new").exists()
+    assert output_dir_problem(file) == "it is a file, not a directory"
+    assert output_dir_problem(file / "sub" / "deeper") == f"{file} is a file, not a directory"
+    assert output_dir_problem(dangling / "sub") == f"{dangling} is a broken symbolic link"
+
+
+def test_an_interrupt_before_a_case_reaches_the_files_still_saves_it(tmp_path, monkeypatch, capsys):
+    """Ctrl-C after a case is timed but before its files are rewritten (here: while its summary is
+    computed): the interrupt handler writes it, so the files hold every case the message counts."""
+    real = bench.summarize
+    calls = []
+
+    def interrupted_once(rows, train_rows):
+        calls.append(len(rows))
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(rows, train_rows)
+
+    monkeypatch.setattr(bench, "summarize", interrupted_once)
+    rc = main(["bench", "--shape", "2x8x4x4", "--groups", "2", "--layouts", "contiguous", "--repeats", "1",
+               "--warmup", "0", "--threads", "1", "--out", str(tmp_path)])
+    assert rc == 130
+    assert "interrupted; the 1 cases (shape and layout) timed so far are in" in capsys.readouterr().err
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert doc["complete"] is False and {(r["shape"], r["layout"]) for r in doc["kernels"]} == {("2x8x4x4", "contiguous")}
+
+
+def test_train_only_times_no_kernel_cases():
+    rows = []
+    args = bench_args("--train", "only", "--repeats", "1", "--warmup", "0")
+    bench._run_cases(args, [("custom", (2, 8, 4, 4), 2, "none")], ["contiguous"], "cpu", bench.Timer("cpu"), {}, rows)
+    assert rows == []

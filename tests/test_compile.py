@@ -112,3 +112,20 @@ def test_torch_export_runs_saves_and_loads_in_a_fresh_process(tmp_path):
         "print('LOADED')\n"
     )
     run_fresh(code, "LOADED")
+
+
+def test_a_numpy_integer_group_count_under_compile_is_refused_with_the_fix():
+    """Found in mutation round 4: eager group_norm takes a NumPy integer num_groups, but under
+    torch.compile Dynamo hands it over as a 0-d array, which cannot be read without a graph break
+    (torch's own F.group_norm passes it to its op unread; even int() on it breaks the graph). The
+    error now says what to do."""
+    import numpy as np
+
+    x = torch.randn(2, 8, 3)
+    torch.testing.assert_close(groupnorm.group_norm(x, np.int64(4)), torch.nn.functional.group_norm(x, 4))  # eager
+    compiled = torch.compile(lambda t: groupnorm.group_norm(t, np.int64(4)), backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match=r"make it a Python int with int\(\) outside the compiled code"):
+        compiled(x)
+    G = int(np.int64(4))
+    fixed = torch.compile(lambda t: groupnorm.group_norm(t, G), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(fixed(x), torch.nn.functional.group_norm(x, 4))

@@ -402,11 +402,7 @@ def test_opacus_per_sample_grads_equal_single_sample_grads(layer):
     x = torch.randn(3, 8, 5, 5)
     dy = torch.randn(3, 8, 5, 5)
     grads = per_sample_grads(layer, [x], dy)
-    for i in range(3):
-        layer.zero_grad()
-        layer(x[i:i + 1]).backward(dy[i:i + 1])
-        torch.testing.assert_close(grads[layer.weight][i], layer.weight.grad, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(grads[layer.bias][i], layer.bias.grad, atol=1e-5, rtol=1e-4)
+    _assert_each_sample_matches(layer, x, dy, grads)
     assert math.isfinite(float(grads[layer.weight].sum()))
 
 
@@ -669,3 +665,59 @@ def test_conversion_summary_rows():
     assert norms["1"].affine is False and norms["2"].affine is True
     (conv,) = summary.convs()
     assert conv.name == "0" and not math.isnan(conv.eps) and conv.eps == model[0].eps == 1e-6
+
+
+def test_opacus_grad_sampler_is_registered_for_both_layer_types():
+    """Importing groupnorm.opacus_support registers per_sample_grads for GroupNormAct too (else Opacus
+    falls back to torch.func for it, which cannot refuse a dropout child it would resample)."""
+    pytest.importorskip("opacus")
+    from opacus.grad_sample import GradSampleModule
+
+    from groupnorm.opacus_support import per_sample_grads
+
+    assert GradSampleModule.GRAD_SAMPLERS[GroupNorm] is per_sample_grads
+    assert GradSampleModule.GRAD_SAMPLERS[GroupNormAct] is per_sample_grads
+
+
+def test_opacus_per_sample_grads_take_a_rate_zero_dropout_and_skip_a_frozen_bias():
+    """A Dropout child with p=0 draws no mask (the refusal's own advice is to set the rate to 0), so it
+    is accepted in training mode; a frozen bias gets no per-sample gradient, as a frozen weight."""
+    pytest.importorskip("opacus")
+    from groupnorm.opacus_support import per_sample_grads
+
+    torch.manual_seed(30)
+    layer = convert_batchnorm(BatchNormAct2d(8, act_layer=lambda inplace: nn.LeakyReLU(0.1, inplace),
+                                             drop_layer=lambda: nn.Dropout(0.0)), 4).train()
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    x, dy = torch.randn(3, 8, 5, 5), torch.randn(3, 8, 5, 5)
+    grads = per_sample_grads(layer, [x], dy)
+    _assert_each_sample_matches(layer, x, dy, grads)
+    layer.bias.requires_grad_(False)
+    assert set(per_sample_grads(layer, [x], dy)) == {layer.weight}
+
+
+def test_opacus_per_sample_grads_have_the_parameters_dtype_under_mixed_precision():
+    """bfloat16 activations and gradients (autocast) with float32 parameters: the per-sample gradients
+    are float32 like the parameters they belong to (Opacus adds them to p.grad-shaped buffers)."""
+    pytest.importorskip("opacus")
+    from groupnorm.opacus_support import per_sample_grads
+
+    torch.manual_seed(31)
+    layer = GroupNorm(2, 8)
+    x, dy = torch.randn(3, 8, 6, dtype=torch.bfloat16), torch.randn(3, 8, 6, dtype=torch.bfloat16)
+    grads = per_sample_grads(layer, [x], dy)
+    assert grads[layer.weight].dtype == grads[layer.bias].dtype == torch.float32
+    xhat = F.group_norm(x.double(), 2)
+    torch.testing.assert_close(grads[layer.weight].double(), (xhat * dy.double()).sum(2), atol=0.1, rtol=0.02)
+    torch.testing.assert_close(grads[layer.bias].double(), dy.double().sum(2), atol=0.1, rtol=0.02)
+
+
+def _assert_each_sample_matches(layer, x, dy, grads):
+    """grads (per-sample weight and bias gradients) equal one backward pass per sample."""
+    for i in range(x.shape[0]):
+        layer.zero_grad()
+        layer(x[i:i + 1]).backward(dy[i:i + 1])
+        torch.testing.assert_close(grads[layer.weight][i], layer.weight.grad, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(grads[layer.bias][i], layer.bias.grad, atol=1e-5, rtol=1e-4)

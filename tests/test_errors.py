@@ -28,14 +28,19 @@ def _fast_lane_loaded():
         (lambda: group_norm(X, 0), ValueError, r"num_groups must be in \[1, C=8\]"),
         (lambda: group_norm(X, 16), ValueError, r"num_groups must be in \[1, C=8\]"),
         (lambda: group_norm(X, 2.0), TypeError, "num_groups must be an int"),
+        (lambda: group_norm(X, True), TypeError, "num_groups must be an int, got bool"),
         (lambda: group_norm(X, 2, torch.ones(4)), ValueError, r"weight must have shape \(8,\).*got \(4,\)"),
         (lambda: group_norm(X, 2, None, torch.ones(8, 1)), ValueError, r"bias must have shape \(8,\)"),
+        (lambda: group_norm(X, 2, [1.0] * 8), TypeError, "weight must be a Tensor or None, got list"),
         (lambda: group_norm(X, 2, torch.ones(8, dtype=torch.float64)), TypeError, r"float64 but the input is torch.float32"),
         (lambda: group_norm(X.half(), 2, torch.ones(8, dtype=torch.bfloat16)), TypeError, "bfloat16"),
+        # float32 parameters are for half input only, not for float64
+        (lambda: group_norm(X.double(), 2, torch.ones(8)), TypeError, r"float32 but the input is torch.float64"),
         (lambda: group_norm(X, 2, torch.ones(8, device="meta")), ValueError, "meta but the input is on cpu"),
         (lambda: group_norm(X, 2, eps=0.0), ValueError, "eps must be a positive"),
         (lambda: group_norm(X, 2, eps=-1e-5), ValueError, "eps must be a positive"),
         (lambda: group_norm(X, 2, eps=float("nan")), ValueError, "eps must be a positive"),
+        (lambda: group_norm(X, 2, eps=True), ValueError, "eps must be a positive"),  # as GroupNorm and StdConv
         (lambda: group_norm(X, 2, eps=torch.tensor(1e-5)), TypeError, r"eps must be a Python number, got a Tensor.*float\(eps\)"),
         (lambda: GroupNorm(2, 8, eps=torch.tensor(1e-5)), TypeError, r"eps must be a Python number, got a Tensor"),
         (lambda: group_norm(X, 2, activation="tanh"), ValueError, "activation must be None or one of"),
@@ -69,3 +74,16 @@ def test_bad_input_loses_nothing():
     with pytest.raises(ValueError):
         m(x)
     assert torch.equal(x, x0) and all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("num_groups, weight, match", [
+    (3, None, r"not divisible by num_groups=3"),
+    (16, None, r"num_groups must be in \[1, C=8\]"),
+    (2, torch.ones(4), r"weight must have shape \(8,\)"),
+])
+def test_the_registered_op_checks_what_a_traced_or_scripted_program_hands_it(num_groups, weight, match):
+    """torch.ops.groupnorm.forward is what compiled, traced and scripted programs call, with inputs
+    group_norm() never checked (a scripted layer fed another channel count): it must refuse a group
+    count that does not divide C, not run the kernels on it (they trust the shapes: a wrong answer)."""
+    with pytest.raises(ValueError, match=match):
+        torch.ops.groupnorm.forward(X, weight, None, num_groups, 1e-5, "none", "")

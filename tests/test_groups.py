@@ -61,6 +61,8 @@ def test_policies_always_give_a_valid_group_count(C, G, policy, m):
         (dict(num_channels=0, num_groups=1), "positive"),
         (dict(num_channels=64, num_groups=8, policy="nearest"), "unknown group policy"),
         (dict(num_channels=64, group_size=0), "group_size"),
+        (dict(num_channels=64, num_groups=8, min_group_size=0), "min_group_size must be >= 1"),
+        (dict(num_channels=64, group_size=8, policy="divisor", min_group_size=0), "min_group_size must be >= 1"),
     ],
 )
 def test_bad_requests(kwargs, match):
@@ -86,3 +88,29 @@ def test_group_size_requests_respect_min_group_size():
     assert resolve_groups(24, group_size=5, policy="divisor", min_group_size=1) == 6
     assert resolve_groups(24, group_size=1, policy="divisor", min_group_size=4) == 24  # exact: as asked
     assert norm_layer(group_size=7, policy="gcd", min_group_size=4)(24).num_groups == 6
+
+
+@given(C=st.integers(1, 600), size=st.integers(1, 700), policy=st.sampled_from(["divisor", "gcd"]), m=st.integers(1, 700))
+def test_group_size_policies_always_give_a_valid_group_count(C, size, policy, m):
+    """The group_size path: G divides C; an exact size is honoured; a size wider than the layer is one
+    group; otherwise the policy's size, raised to at least min_group_size (or the whole layer)."""
+    got = resolve_groups(C, group_size=size, policy=policy, min_group_size=m)
+    assert 1 <= got <= C and C % got == 0
+    used = C // got  # channels per group
+    if size > C:
+        assert got == 1
+    elif C % size == 0:
+        assert used == size
+    else:
+        assert used >= min(m, C)
+        if m == 1:
+            assert used == (max(d for d in divisors(C) if d <= size) if policy == "divisor" else math.gcd(C, size))
+
+
+def test_group_size_corner_cases():
+    assert resolve_groups(16, group_size=32, policy="gcd") == 1  # wider than the layer: one group, as "divisor"
+    # gcd(30, 7) = 1 channel, raised to min_group_size 4, which does not divide 30: the next size up, 5
+    assert resolve_groups(30, group_size=7, policy="gcd", min_group_size=4) == 6
+    # min_group_size above the layer's width: the whole layer is one group
+    assert resolve_groups(8, group_size=3, policy="divisor", min_group_size=16) == 1
+    assert resolve_groups(8, group_size=3, policy="gcd", min_group_size=9) == 1

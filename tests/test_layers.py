@@ -362,3 +362,24 @@ def test_activation_none_is_stored_as_none():
     m = GroupNorm(2, 4, activation="none")
     assert m.activation is None
     assert repr(m) == repr(GroupNorm(2, 4)) == repr(nn.GroupNorm(2, 4))
+
+
+def test_factory_call_forms_it_refuses_or_takes():
+    """A call the factory cannot read is an error, not a silent guess: a fifth BatchNorm positional
+    argument, or the channel count given twice. timm's act_kwargs={'inplace': True} is fine with a
+    fused activation (in-place means nothing there), and act_layer names are not case-sensitive."""
+    make = norm_layer(4)
+    with pytest.raises(TypeError, match="at most 5 positional arguments"):
+        make(16, 1e-3, 0.1, True, True, "extra")
+    with pytest.raises(TypeError, match="channel count once"):
+        make(16, num_features=16)
+    relu = norm_layer(4, activation="relu")
+    assert relu(16, apply_act=True, act_kwargs={"inplace": True}).activation == "relu"
+    assert make(16, act_layer="SiLU").activation == "silu" and make(16, act_layer="ReLU").activation == "relu"
+
+
+def test_factory_passes_affine_and_eps_to_every_layer():
+    layer = norm_layer(4, affine=False, eps=1e-3)(16)
+    assert not layer.affine and layer.weight is None and layer.bias is None and layer.eps == 1e-3
+    x = torch.randn(2, 16, 5)
+    torch.testing.assert_close(layer(x), F.group_norm(x, 4, eps=1e-3))
