@@ -1037,10 +1037,10 @@ def _backward_cl(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
     A = np.zeros(N * C)
     B = np.zeros(N * C)
     qr = np.empty(2 * N * G)  # each group's (q, r) in float64, for the rare exact path
-    for i in range(N * G):
-        _affine_coefs(cf, st, i // G, i % G, C, Cg, w, b)
     items = N if nch == 0 else N * nch
     if nch > 0:
+        for i in range(N * G):
+            _affine_coefs(cf, st, i // G, i % G, C, Cg, w, b)
         part = np.zeros(items * 2 * C)
         for it0 in prange(items):
             it = np.int64(it0)  # prange indices are unsigned; one signature per helper
@@ -1067,6 +1067,8 @@ def _backward_cl(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
             n = it
             s0, s1 = 0, S
             base = n * 6 * C
+            for g in range(G):  # per sample, in the parallel loop (made serially before: 1.02-1.06x on 8x8 maps)
+                _affine_coefs(cf, st, n, g, C, Cg, w, b)
             _cl_grad_rows(
                 dy, x, dx, A[n * C:(n + 1) * C], B[n * C:(n + 1) * C],
                 cf[base:base + C], cf[base + C:base + 2 * C], cf[base + 2 * C:base + 3 * C],
