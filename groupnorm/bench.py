@@ -754,9 +754,12 @@ def main(args) -> int:
     if busy:
         print(f"groupnorm bench: warning: {busy}", file=sys.stderr, flush=True)
 
-    rows = []
+    rows, train_rows = [], []
     try:
         _run_cases(args, cases, layouts, device, timer, info, rows)
+        if args.train != "no":
+            train_rows = bench_training(device, timer, max(3, args.repeats // 2 if args.quick else args.repeats),
+                                        args.warmup, args.quick, layouts)
     except KeyboardInterrupt:
         kept = ""
         if args.out is not None and rows:
@@ -764,10 +767,6 @@ def main(args) -> int:
             kept = f"; the {len(rows) // 3} cases (shape and layout) timed so far are in {args.out}"
         print(f"\ngroupnorm bench: interrupted{kept}", file=sys.stderr)
         return 130
-    train_rows = []
-    if args.train != "no":
-        train_rows = bench_training(device, timer, max(3, args.repeats // 2 if args.quick else args.repeats),
-                                    args.warmup, args.quick, layouts)
 
     targets = summarize(rows, train_rows)
     if rows:
