@@ -111,6 +111,36 @@ def test_matches_reference(shape, G, layout, dtype, mode):
         check_against_reference(x, w, b, dy, G, act)
 
 
+# channels-last shapes the SIMD block kernels (cpu._cl_*_vec) take: C a multiple of a 4-vector
+# block (R = 1: one or several blocks per row), or a block holding R = 2 or 4 whole rows; S over
+# one 64-row tile and S % R != 0 (rows left to the scalar tail), in float32 (16 lanes) and
+# float64 (8 lanes); the last two fall back to the row-span kernels in one of the dtypes.
+SIMD_SHAPES = [
+    ((2, 128, 9, 9), 8),  # f32 R=1, 2 blocks, tiles of 64 + 17 rows; f64 R=1, 4 blocks
+    ((3, 32, 7, 7), 4),  # f32 R=2, 49 rows: one left over; f64 R=1
+    ((2, 16, 5, 13), 2),  # f32 R=4, 65 rows; f64 R=2
+    ((1, 64, 11, 12), 16),  # batch 1: split into row chunks that start anywhere
+    ((2, 8, 10, 7), 2),  # f64 R=4; f32 not a whole vector: row-span kernels
+    ((2, 256, 3, 3, 2), 32),  # 3-D; f32 R=1, 4 blocks; f64 rows of 2 KiB: row-span kernels
+]
+
+
+def test_simd_block_rule():
+    """Which channel counts the SIMD block kernels take (R rows per block; 0: row-span kernels)."""
+    f32 = {C: int(cpu._cl_vec_rows(C, 4)) for C in (8, 16, 32, 48, 64, 96, 128, 192, 256, 512)}
+    assert f32 == {8: 0, 16: 4, 32: 2, 48: 0, 64: 1, 96: 0, 128: 1, 192: 1, 256: 1, 512: 0}
+    f64 = {C: int(cpu._cl_vec_rows(C, 8)) for C in (4, 8, 16, 24, 32, 64, 128, 256)}
+    assert f64 == {4: 0, 8: 4, 16: 2, 24: 0, 32: 1, 64: 1, 128: 1, 256: 0}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape,G", SIMD_SHAPES, ids=[f"{'x'.join(map(str, s))}-G{g}" for s, g in SIMD_SHAPES])
+def test_simd_channels_last_matches_reference(shape, G, dtype, mode):
+    for i, act in enumerate(ACTS):  # "none" runs the SIMD kernels throughout, the others in the statistics
+        x, w, b, dy = make(shape, dtype, "channels_last", seed=10 + i, mean=3.0)
+        check_against_reference(x, w, b, dy, G, act)
+
+
 @pytest.mark.parametrize("affine", ["weight_only", "bias_only", "none"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_without_weight_or_bias(affine, layout, mode):
@@ -274,16 +304,17 @@ def test_huge_float32_values_normalize(shape, layout, mode):
     assert not torch.isfinite(first).all() and torch.isfinite(y[0, shape[1] // 4:]).all() and torch.isfinite(y[1:]).all()
 
 
+@pytest.mark.parametrize("act", ["none", "silu"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("split", ["auto", "fused", "split"])
-def test_bitwise_repeatable(layout, split, monkeypatch):
+def test_bitwise_repeatable(layout, split, act, monkeypatch):
     """Large enough to run on every thread; two runs must agree bit for bit."""
     monkeypatch.setattr(cpu, "split_mode", split)
     x, w, b, dy = make((2, 64, 24, 24), torch.float32, layout)
     outs = []
     for _ in range(2):
-        y, stats = BACKEND.forward(x, w, b, 32, 1e-5, "silu")
-        dx, dw, db = BACKEND.backward(dy, x, w, b, stats, 32, "silu", [True, True, True])
+        y, stats = BACKEND.forward(x, w, b, 32, 1e-5, act)
+        dx, dw, db = BACKEND.backward(dy, x, w, b, stats, 32, act, [True, True, True])
         outs.append((y, stats, dx, dw, db))
     for a, c in zip(*outs):
         assert torch.equal(a, c), "repeated runs differ"

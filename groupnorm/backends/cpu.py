@@ -44,6 +44,7 @@ from numba.extending import intrinsic, overload
 from numba.np.ufunc import parallel as _numba_parallel
 
 from groupnorm.backends import ACT_CODES, native
+from groupnorm.backends.simd import VECTOR_BYTES, vadd, vload, vmuladd, vsplat, vstore, vsub
 
 # "auto" picks the work decomposition from the shape and the thread count; tests force
 # "fused" (one item per group / sample) or "split" (reduction split into chunks).
@@ -819,12 +820,179 @@ def _fold_rows(acc, s, R, C):
 
 
 @njit(**_SERIAL)
+def _cl_vec_rows(C, itemsize):
+    """R, the (S, C) rows one block of 4 SIMD vectors spans, for the _cl_*_vec kernels: 1 when
+    C is a multiple of the block (and a row at most 1 KiB: wider rows run faster through the
+    row-span loops, whose accesses stay in one page), 2 or 4 when a block holds whole rows;
+    0 when neither (the row-span kernels run)."""
+    W = VECTOR_BYTES // itemsize
+    L = 4 * W
+    if C % L == 0 and C * itemsize <= 1024:
+        return 1
+    if C % W == 0 and L % C == 0:
+        return L // C
+    return 0
+
+
+@njit(**_SERIAL)
+def _block_coefs(v, R):
+    """v laid against a block of R rows (R copies end to end), or v itself when R == 1."""
+    return _tile(v, R) if R > 1 else v
+
+
+@njit(**_SERIAL)
+def _fold_block(tmp, toff, s, c0, C, L, R):
+    """A block's L float32 sums tmp[toff:toff + L] added in float64 to its channels' sums s:
+    channels c0.. (R == 1), or R rows of all C channels (R > 1, c0 == 0)."""
+    if R == 1:
+        for j in range(L):
+            s[c0 + j] += np.float64(tmp[toff + j])
+    else:
+        for rr in range(R):
+            for c in range(C):
+                s[c] += np.float64(tmp[toff + rr * C + c])
+
+
+@njit(**_SERIAL)
+def _cl_stat_rows_vec(x, s1, s2, shift, xo, slo, shi, C, R):
+    """_cl_stat_rows with the block sums in SIMD registers: within each _CL_ROWS-row tile, each
+    block of 4 vectors (4W channels of a row, or R whole rows) runs down the tile accumulating
+    d and d*d, then is folded into s1/s2 in float64. Rows a block of R rows cannot take (the
+    tile's last S % R) are added directly in float64."""
+    W = VECTOR_BYTES // x.itemsize
+    L = 4 * W
+    sh = _block_coefs(shift, R)
+    tmp = np.empty(2 * L, x.dtype)
+    for r0 in range(slo, shi, _CL_ROWS):
+        r1 = min(r0 + _CL_ROWS, shi)
+        rv = r1 - (r1 - r0) % R
+        for c0 in range(0, C * R, L):
+            h0, h1, h2, h3 = vload(sh, c0), vload(sh, c0 + W), vload(sh, c0 + 2 * W), vload(sh, c0 + 3 * W)
+            a0 = vsplat(x, 0.0)
+            a1, a2, a3, q0, q1, q2, q3 = a0, a0, a0, a0, a0, a0, a0
+            for s in range(r0, rv, R):
+                o = xo + s * C + c0
+                d = vsub(vload(x, o), h0)
+                a0, q0 = vadd(a0, d), vmuladd(d, d, q0)
+                d = vsub(vload(x, o + W), h1)
+                a1, q1 = vadd(a1, d), vmuladd(d, d, q1)
+                d = vsub(vload(x, o + 2 * W), h2)
+                a2, q2 = vadd(a2, d), vmuladd(d, d, q2)
+                d = vsub(vload(x, o + 3 * W), h3)
+                a3, q3 = vadd(a3, d), vmuladd(d, d, q3)
+            vstore(tmp, 0, a0), vstore(tmp, W, a1), vstore(tmp, 2 * W, a2), vstore(tmp, 3 * W, a3)
+            vstore(tmp, L, q0), vstore(tmp, L + W, q1), vstore(tmp, L + 2 * W, q2), vstore(tmp, L + 3 * W, q3)
+            _fold_block(tmp, 0, s1, c0, C, L, R)
+            _fold_block(tmp, L, s2, c0, C, L, R)
+        for s in range(rv, r1):
+            for c in range(C):
+                d = x[xo + s * C + c] - shift[c]
+                s1[c] += np.float64(d)
+                s2[c] += np.float64(d * d)
+
+
+@njit(**_SERIAL)
+def _cl_normalize_rows_vec(x, y, mh, a, b, xo, slo, shi, C, R):
+    """y = (x - mh) * a + b (no activation), blocks of 4 SIMD vectors with the coefficients in
+    registers; tiles of _CL_ROWS rows as in _cl_stat_rows_vec."""
+    W = VECTOR_BYTES // x.itemsize
+    L = 4 * W
+    mt, at, bt = _block_coefs(mh, R), _block_coefs(a, R), _block_coefs(b, R)
+    for r0 in range(slo, shi, _CL_ROWS):
+        r1 = min(r0 + _CL_ROWS, shi)
+        rv = r1 - (r1 - r0) % R
+        for c0 in range(0, C * R, L):
+            m0, m1, m2, m3 = vload(mt, c0), vload(mt, c0 + W), vload(mt, c0 + 2 * W), vload(mt, c0 + 3 * W)
+            a0, a1, a2, a3 = vload(at, c0), vload(at, c0 + W), vload(at, c0 + 2 * W), vload(at, c0 + 3 * W)
+            b0, b1, b2, b3 = vload(bt, c0), vload(bt, c0 + W), vload(bt, c0 + 2 * W), vload(bt, c0 + 3 * W)
+            for s in range(r0, rv, R):
+                o = xo + s * C + c0
+                vstore(y, o, vmuladd(vsub(vload(x, o), m0), a0, b0))
+                vstore(y, o + W, vmuladd(vsub(vload(x, o + W), m1), a1, b1))
+                vstore(y, o + 2 * W, vmuladd(vsub(vload(x, o + 2 * W), m2), a2, b2))
+                vstore(y, o + 3 * W, vmuladd(vsub(vload(x, o + 3 * W), m3), a3, b3))
+        for s in range(rv, r1):
+            for c in range(C):
+                j = xo + s * C + c
+                y[j] = (x[j] - mh[c]) * a[c] + b[c]
+
+
+@njit(**_SERIAL)
+def _cl_grad_rows_vec(dy, x, sg, sgd, mh, xo, slo, shi, C, R):
+    """_cl_grad_rows for no activation (g = dy): sg[c] += sum g, sgd[c] += sum g * (x - mh[c]),
+    blocks of 4 SIMD vectors as in _cl_stat_rows_vec."""
+    W = VECTOR_BYTES // x.itemsize
+    L = 4 * W
+    mt = _block_coefs(mh, R)
+    tmp = np.empty(2 * L, x.dtype)
+    for r0 in range(slo, shi, _CL_ROWS):
+        r1 = min(r0 + _CL_ROWS, shi)
+        rv = r1 - (r1 - r0) % R
+        for c0 in range(0, C * R, L):
+            m0, m1, m2, m3 = vload(mt, c0), vload(mt, c0 + W), vload(mt, c0 + 2 * W), vload(mt, c0 + 3 * W)
+            g0 = vsplat(x, 0.0)
+            g1, g2, g3, d0, d1, d2, d3 = g0, g0, g0, g0, g0, g0, g0
+            for s in range(r0, rv, R):
+                o = xo + s * C + c0
+                t = vload(dy, o)
+                g0, d0 = vadd(g0, t), vmuladd(t, vsub(vload(x, o), m0), d0)
+                t = vload(dy, o + W)
+                g1, d1 = vadd(g1, t), vmuladd(t, vsub(vload(x, o + W), m1), d1)
+                t = vload(dy, o + 2 * W)
+                g2, d2 = vadd(g2, t), vmuladd(t, vsub(vload(x, o + 2 * W), m2), d2)
+                t = vload(dy, o + 3 * W)
+                g3, d3 = vadd(g3, t), vmuladd(t, vsub(vload(x, o + 3 * W), m3), d3)
+            vstore(tmp, 0, g0), vstore(tmp, W, g1), vstore(tmp, 2 * W, g2), vstore(tmp, 3 * W, g3)
+            vstore(tmp, L, d0), vstore(tmp, L + W, d1), vstore(tmp, L + 2 * W, d2), vstore(tmp, L + 3 * W, d3)
+            _fold_block(tmp, 0, sg, c0, C, L, R)
+            _fold_block(tmp, L, sgd, c0, C, L, R)
+        for s in range(rv, r1):
+            for c in range(C):
+                j = xo + s * C + c
+                g = dy[j]
+                sg[c] += np.float64(g)
+                sgd[c] += np.float64(g * (x[j] - mh[c]))
+
+
+@njit(**_SERIAL)
+def _cl_dx_rows_vec(dy, x, dx, mh, p, q, r, xo, slo, shi, C, R):
+    """dx = dy * p + (x - mh) * q + r (no activation), blocks of 4 SIMD vectors with the
+    coefficients in registers, as in _cl_normalize_rows_vec."""
+    W = VECTOR_BYTES // x.itemsize
+    L = 4 * W
+    mt, pt, qt, rt = _block_coefs(mh, R), _block_coefs(p, R), _block_coefs(q, R), _block_coefs(r, R)
+    for r0 in range(slo, shi, _CL_ROWS):
+        r1 = min(r0 + _CL_ROWS, shi)
+        rv = r1 - (r1 - r0) % R
+        for c0 in range(0, C * R, L):
+            m0, m1, m2, m3 = vload(mt, c0), vload(mt, c0 + W), vload(mt, c0 + 2 * W), vload(mt, c0 + 3 * W)
+            p0, p1, p2, p3 = vload(pt, c0), vload(pt, c0 + W), vload(pt, c0 + 2 * W), vload(pt, c0 + 3 * W)
+            q0, q1, q2, q3 = vload(qt, c0), vload(qt, c0 + W), vload(qt, c0 + 2 * W), vload(qt, c0 + 3 * W)
+            t0, t1, t2, t3 = vload(rt, c0), vload(rt, c0 + W), vload(rt, c0 + 2 * W), vload(rt, c0 + 3 * W)
+            for s in range(r0, rv, R):
+                o = xo + s * C + c0
+                vstore(dx, o, vmuladd(vload(dy, o), p0, vmuladd(vsub(vload(x, o), m0), q0, t0)))
+                vstore(dx, o + W, vmuladd(vload(dy, o + W), p1, vmuladd(vsub(vload(x, o + W), m1), q1, t1)))
+                vstore(dx, o + 2 * W, vmuladd(vload(dy, o + 2 * W), p2, vmuladd(vsub(vload(x, o + 2 * W), m2), q2, t2)))
+                vstore(dx, o + 3 * W, vmuladd(vload(dy, o + 3 * W), p3, vmuladd(vsub(vload(x, o + 3 * W), m3), q3, t3)))
+        for s in range(rv, r1):
+            for c in range(C):
+                j = xo + s * C + c
+                dx[j] = dy[j] * p[c] + (x[j] - mh[c]) * q[c] + r[c]
+
+
+@njit(**_SERIAL)
 def _cl_stat_rows(x, s1, s2, shift, xo, slo, shi, C):
     """s1[c] += sum d, s2[c] += sum d*d over rows slo..shi of the sample at x[xo:], with
     d = x - shift[c] (shift in x's dtype); blocks of _CL_ROWS rows are summed in x's dtype
     (full SIMD width), then added in float64. R rows are taken at a time as one span of R*C
     values against R copies of the shifts: one long vector loop instead of a short one per row
-    (whose set-up cost as much as its work for C <= 256 on AVX-512), R partial sums per channel."""
+    (whose set-up cost as much as its work for C <= 256 on AVX-512), R partial sums per channel.
+    Shapes _cl_vec_rows takes run _cl_stat_rows_vec instead."""
+    Rv = _cl_vec_rows(C, x.itemsize)
+    if Rv > 0:
+        _cl_stat_rows_vec(x, s1, s2, shift, xo, slo, shi, C, Rv)
+        return
     R = _cl_tile_rows(C)
     sht = _tile(shift, R)
     a1 = np.empty(R * C, x.dtype)
@@ -846,6 +1014,11 @@ def _cl_stat_rows(x, s1, s2, shift, xo, slo, shi, C):
 
 @njit(**_SERIAL)
 def _cl_normalize_rows(x, y, mh, a, b, xo, slo, shi, C, act, k):
+    if act == 0:
+        Rv = _cl_vec_rows(C, x.itemsize)
+        if Rv > 0:
+            _cl_normalize_rows_vec(x, y, mh, a, b, xo, slo, shi, C, Rv)
+            return
     for s in range(slo, shi):
         xr = x[xo + s * C:xo + (s + 1) * C]
         yr = y[xo + s * C:xo + (s + 1) * C]
@@ -868,7 +1041,13 @@ def _cl_normalize_rows(x, y, mh, a, b, xo, slo, shi, C, act, k):
 def _cl_grad_rows(dy, x, dx, sg, sgd, mh, a, b, xo, slo, shi, C, act, k):
     """sg[c] += sum g, sgd[c] += sum g * (x - mh[c]); g parked in dx for SiLU/GELU.
     Blocks of _CL_ROWS rows are summed in x's dtype, then added in float64; R rows at a time
-    as one span against tiled coefficients, as in _cl_stat_rows."""
+    as one span against tiled coefficients, as in _cl_stat_rows (_cl_grad_rows_vec when there is
+    no activation and _cl_vec_rows takes the shape)."""
+    if act == 0:
+        Rv = _cl_vec_rows(C, x.itemsize)
+        if Rv > 0:
+            _cl_grad_rows_vec(dy, x, sg, sgd, mh, xo, slo, shi, C, Rv)
+            return
     R = _cl_tile_rows(C)
     mt = _tile(mh, R)
     at = _tile(a, R)
@@ -917,6 +1096,11 @@ def _cl_grad_rows(dy, x, dx, sg, sgd, mh, a, b, xo, slo, shi, C, act, k):
 
 @njit(**_SERIAL)
 def _cl_dx_rows(dy, x, dx, mh, a, b, p, q, r, xo, slo, shi, C, act, k):
+    if act == 0:
+        Rv = _cl_vec_rows(C, x.itemsize)
+        if Rv > 0:
+            _cl_dx_rows_vec(dy, x, dx, mh, p, q, r, xo, slo, shi, C, Rv)
+            return
     for s in range(slo, shi):
         xr = x[xo + s * C:xo + (s + 1) * C]
         dyr = dy[xo + s * C:xo + (s + 1) * C]

@@ -1,0 +1,112 @@
+"""Explicit SIMD vectors for the numba kernels: one 64-byte vector (16 float32 or 8 float64).
+
+Why: numba runs LLVM's loop vectorizer but not its SLP vectorizer (off since numba #8705), so
+a reduction whose partial sums should stay in registers across rows (per-channel sums of a
+channels-last (S, C) block) compiles either to scalar code or to vector code that loads and
+stores its accumulators from memory on every row; the latter is what ``_cl_*_rows`` did, and on
+small maps with C <= 256 it ran at half ATen's speed. With these, a kernel names its vectors
+itself and LLVM keeps them in registers (on AVX2 a 64-byte vector is two ymm registers).
+
+The operations are the plain IEEE ones (no fast-math flags) except ``vmuladd``, which is
+``llvm.fmuladd``: fused where the CPU has FMA, as ``fastmath={"contract"}`` allows elsewhere.
+Loads and stores are unaligned and unchecked: the caller keeps ``i + width(a) <= a.size``.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+VECTOR_BYTES = 64
+
+
+class Vec(types.Type):
+    """A VECTOR_BYTES-byte SIMD vector of a float dtype."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+        self.width = VECTOR_BYTES // (dtype.bitwidth // 8)
+        super().__init__(name=f"Vec{self.width}x{dtype}")
+
+
+@register_model(Vec)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        element = dmm.lookup(fe_type.dtype).get_value_type()
+        super().__init__(dmm, fe_type, ir.VectorType(element, fe_type.width))
+
+
+def _element_pointer(context, builder, arytype, ary, index):
+    data = context.make_array(arytype)(context, builder, ary).data
+    return builder.gep(data, [index])
+
+
+@intrinsic
+def vload(typingctx, a, i):
+    """The vector a[i:i + width]."""
+    vt = Vec(a.dtype)
+
+    def codegen(context, builder, sig, args):
+        p = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+        vp = builder.bitcast(p, context.get_value_type(vt).as_pointer())
+        return builder.load(vp, align=a.dtype.bitwidth // 8)
+
+    return vt(a, i), codegen
+
+
+@intrinsic
+def vstore(typingctx, a, i, v):
+    """a[i:i + width] = v."""
+
+    def codegen(context, builder, sig, args):
+        p = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+        builder.store(args[2], builder.bitcast(p, args[2].type.as_pointer()), align=a.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+
+    return types.void(a, i, v), codegen
+
+
+@intrinsic
+def vsplat(typingctx, a, x):
+    """A vector of a's dtype with x in every lane."""
+    vt = Vec(a.dtype)
+
+    def codegen(context, builder, sig, args):
+        lt = context.get_value_type(vt)
+        value = context.cast(builder, args[1], sig.args[1], a.dtype)
+        v = builder.insert_element(ir.Constant(lt, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+        zeros = ir.Constant(ir.VectorType(ir.IntType(32), vt.width), [0] * vt.width)
+        return builder.shuffle_vector(v, ir.Constant(lt, ir.Undefined), zeros)
+
+    return vt(a, x), codegen
+
+
+def _binary(instruction):
+    @intrinsic
+    def op(typingctx, u, v):
+        def codegen(context, builder, sig, args):
+            return getattr(builder, instruction)(args[0], args[1])
+
+        return u(u, v), codegen
+
+    return op
+
+
+vadd = _binary("fadd")
+vsub = _binary("fsub")
+vmul = _binary("fmul")
+
+
+@intrinsic
+def vmuladd(typingctx, u, v, w):
+    """u * v + w (llvm.fmuladd: one rounding where the CPU has FMA)."""
+
+    def codegen(context, builder, sig, args):
+        vt = args[0].type
+        suffix = f"v{vt.count}f{u.dtype.bitwidth}"
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]), f"llvm.fmuladd.{suffix}")
+        return builder.call(fn, args)
+
+    return u(u, v, w), codegen
