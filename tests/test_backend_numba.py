@@ -8,6 +8,8 @@ reduction split into chunks); the large-mean case; bitwise-repeatable results.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -139,6 +141,29 @@ def test_simd_channels_last_matches_reference(shape, G, dtype, mode):
     for i, act in enumerate(ACTS):  # "none" runs the SIMD kernels throughout, the others in the statistics
         x, w, b, dy = make(shape, dtype, "channels_last", seed=10 + i, mean=3.0)
         check_against_reference(x, w, b, dy, G, act)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape,G", [((2, 128, 8, 9), 8), ((3, 32, 7, 6), 4), ((2, 48, 5, 6), 8)])
+def test_relu_backward_mask_is_the_forwards(shape, G, layout, mode):
+    """The backward lets the gradient through exactly where the forward's ReLU output is positive,
+    including elements with z == 0 exactly (x at the group mean, zero bias): with dy = 1, dbias[c]
+    counts them. Values -1, 0, 1 and their negatives in the other half of each map make every
+    group's sum, and so its computed mean, exactly 0."""
+    g = torch.Generator().manual_seed(3)
+    half = torch.randint(-1, 2, (shape[0], shape[1], math.prod(shape[2:]) // 2), generator=g).float()
+    x = torch.cat([half, -half], dim=2).reshape(shape)
+    if layout == "channels_last":
+        x = channels_last(x)
+    C = shape[1]
+    w = torch.rand(C, generator=g) + 0.5
+    b = torch.zeros(C)
+    y, stats = BACKEND.forward(x, w, b, G, 1e-5, "relu")
+    assert (y == 0).any() and (y > 0).any()
+    dy = torch.ones_like(x)
+    _, _, db = BACKEND.backward(dy, x, w, b, stats, G, "relu", [False, False, True])
+    expected = (y > 0).sum(dim=[d for d in range(y.dim()) if d != 1]).float()
+    assert torch.equal(db, expected), (db - expected).abs().max()
 
 
 @pytest.mark.parametrize("affine", ["weight_only", "bias_only", "none"])

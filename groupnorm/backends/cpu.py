@@ -24,6 +24,14 @@ elements sum float64 terms around their first element instead (no cancellation t
 faster at that size). The mean is stored as ``mean_hi`` (rounded to the stats dtype) +
 ``mean_lo``. The elementwise passes compute ``(x - mean_hi) * a + b'`` in the input's dtype.
 
+Channels-last loops: when C is a multiple of a block of 4 SIMD vectors (64 float32 / 32 float64
+channels, rows up to 1 KiB) or a block holds 2 or 4 whole rows (C = 16, 32 float32; 8, 16 float64),
+the statistics, the normalization without activation, and the backward's two passes without
+activation run block loops (``_cl_*_vec``) written with the explicit vectors of
+``groupnorm.backends.simd``: each block runs down a 64-row tile with its sums (or its
+coefficients) in registers. Other shapes, and activations after the statistics, run row-span loops
+that LLVM vectorizes itself, with per-channel accumulators in memory.
+
 Backward: per-(n, c) sums ``A = sum g``, ``B = sum g * xhat`` (g = dy * act'(z), z recomputed
 from x and stats) give dbias, dweight (reduced over n in order) and the two group means
 of the dx formula; dx = g * p_c + (x - mean_hi) * q + r. With SiLU/GELU, the first pass
@@ -44,7 +52,7 @@ from numba.extending import intrinsic, overload
 from numba.np.ufunc import parallel as _numba_parallel
 
 from groupnorm.backends import ACT_CODES, native
-from groupnorm.backends.simd import VECTOR_BYTES, vadd, vload, vmuladd, vsplat, vstore, vsub
+from groupnorm.backends.simd import VECTOR_BYTES, vadd, vload, vmuladd, vselect_le, vselect_lt, vsplat, vstore, vsub
 
 # "auto" picks the work decomposition from the shape and the thread count; tests force
 # "fused" (one item per group / sample) or "split" (reduction split into chunks).
@@ -828,9 +836,10 @@ def _fold_rows(acc, s, R, C):
 @njit(inline="always", **_SERIAL)
 def _cl_vec_rows(C, itemsize):
     """R, the (S, C) rows one block of 4 SIMD vectors spans, for the _cl_*_vec kernels: 1 when
-    C is a multiple of the block (and a row at most 1 KiB: wider rows run faster through the
-    row-span loops, whose accesses stay in one page), 2 or 4 when a block holds whole rows;
-    0 when neither (the row-span kernels run)."""
+    C is a multiple of the block and a row is at most 1 KiB, 2 or 4 when a block holds whole
+    rows; 0 when neither (the row-span kernels run). Wider rows ran slower in blocks (a block
+    walks down the tile touching a page or more per row; 512-channel float32 rows in 16-row
+    tiles: 0.71-0.94x the row-span loops, session 12)."""
     W = VECTOR_BYTES // itemsize
     L = 4 * W
     if C % L == 0 and C * itemsize <= 1024:
@@ -897,12 +906,30 @@ def _cl_stat_rows_vec(x, s1, s2, shift, xo, slo, shi, C, R):
                 s2[c] += np.float64(d * d)
 
 
+@njit(inline="always", **_SERIAL)
+def _vz(x, o, m, a, b, relu, zero):
+    """(z, x - m) for the vector at x[o:]: z = (x - m) * a + b, or ReLU'd; zero: a zero vector."""
+    xd = vsub(vload(x, o), m)
+    z = vmuladd(xd, a, b)
+    return (vselect_lt(z, zero, zero, z) if relu else z), xd
+
+
+@njit(inline="always", **_SERIAL)
+def _vg(dy, x, o, m, a, b, relu, zero):
+    """(g, x - m) for the vector at o: g = dy, zeroed where z = (x - m) * a + b <= 0 with ReLU."""
+    t = vload(dy, o)
+    xd = vsub(vload(x, o), m)
+    return (vselect_le(vmuladd(xd, a, b), zero, zero, t) if relu else t), xd
+
+
 @njit(**_SERIAL)
-def _cl_normalize_rows_vec(x, y, mh, a, b, xo, slo, shi, C, R):
-    """y = (x - mh) * a + b (no activation), blocks of 4 SIMD vectors with the coefficients in
-    registers; tiles of _CL_ROWS rows as in _cl_stat_rows_vec."""
+def _cl_normalize_rows_vec(x, y, mh, a, b, xo, slo, shi, C, R, act, k):
+    """y = (x - mh) * a + b, ReLU'd when act == 1, blocks of 4 SIMD vectors with the coefficients
+    in registers; tiles of _CL_ROWS rows as in _cl_stat_rows_vec."""
     W = VECTOR_BYTES // x.itemsize
     L = 4 * W
+    relu = act == 1
+    zero = vsplat(x, k[0])
     mt, at, bt = _block_coefs(mh, R), _block_coefs(a, R), _block_coefs(b, R)
     for r0 in range(slo, shi, _CL_ROWS):
         r1 = min(r0 + _CL_ROWS, shi)
@@ -913,41 +940,46 @@ def _cl_normalize_rows_vec(x, y, mh, a, b, xo, slo, shi, C, R):
             b0, b1, b2, b3 = vload(bt, c0), vload(bt, c0 + W), vload(bt, c0 + 2 * W), vload(bt, c0 + 3 * W)
             for s in range(r0, rv, R):
                 o = xo + s * C + c0
-                vstore(y, o, vmuladd(vsub(vload(x, o), m0), a0, b0))
-                vstore(y, o + W, vmuladd(vsub(vload(x, o + W), m1), a1, b1))
-                vstore(y, o + 2 * W, vmuladd(vsub(vload(x, o + 2 * W), m2), a2, b2))
-                vstore(y, o + 3 * W, vmuladd(vsub(vload(x, o + 3 * W), m3), a3, b3))
+                vstore(y, o, _vz(x, o, m0, a0, b0, relu, zero)[0])
+                vstore(y, o + W, _vz(x, o + W, m1, a1, b1, relu, zero)[0])
+                vstore(y, o + 2 * W, _vz(x, o + 2 * W, m2, a2, b2, relu, zero)[0])
+                vstore(y, o + 3 * W, _vz(x, o + 3 * W, m3, a3, b3, relu, zero)[0])
         for s in range(rv, r1):
             for c in range(C):
                 j = xo + s * C + c
-                y[j] = (x[j] - mh[c]) * a[c] + b[c]
+                z = (x[j] - mh[c]) * a[c] + b[c]
+                y[j] = k[0] if relu and z < k[0] else z
 
 
 @njit(**_SERIAL)
-def _cl_grad_rows_vec(dy, x, sg, sgd, mh, xo, slo, shi, C, R):
-    """_cl_grad_rows for no activation (g = dy): sg[c] += sum g, sgd[c] += sum g * (x - mh[c]),
-    blocks of 4 SIMD vectors as in _cl_stat_rows_vec."""
+def _cl_grad_rows_vec(dy, x, sg, sgd, mh, a, b, xo, slo, shi, C, R, act, k):
+    """_cl_grad_rows without activation or with ReLU (g = dy, or 0 where z <= 0): sg[c] += sum g,
+    sgd[c] += sum g * (x - mh[c]), blocks of 4 SIMD vectors as in _cl_stat_rows_vec."""
     W = VECTOR_BYTES // x.itemsize
     L = 4 * W
-    mt = _block_coefs(mh, R)
+    relu = act == 1
+    zero = vsplat(x, k[0])
+    mt, at, bt = _block_coefs(mh, R), _block_coefs(a, R), _block_coefs(b, R)
     tmp = np.empty(2 * L, x.dtype)
     for r0 in range(slo, shi, _CL_ROWS):
         r1 = min(r0 + _CL_ROWS, shi)
         rv = r1 - (r1 - r0) % R
         for c0 in range(0, C * R, L):
             m0, m1, m2, m3 = vload(mt, c0), vload(mt, c0 + W), vload(mt, c0 + 2 * W), vload(mt, c0 + 3 * W)
+            a0, a1, a2, a3 = vload(at, c0), vload(at, c0 + W), vload(at, c0 + 2 * W), vload(at, c0 + 3 * W)
+            b0, b1, b2, b3 = vload(bt, c0), vload(bt, c0 + W), vload(bt, c0 + 2 * W), vload(bt, c0 + 3 * W)
             g0 = vsplat(x, 0.0)
             g1, g2, g3, d0, d1, d2, d3 = g0, g0, g0, g0, g0, g0, g0
             for s in range(r0, rv, R):
                 o = xo + s * C + c0
-                t = vload(dy, o)
-                g0, d0 = vadd(g0, t), vmuladd(t, vsub(vload(x, o), m0), d0)
-                t = vload(dy, o + W)
-                g1, d1 = vadd(g1, t), vmuladd(t, vsub(vload(x, o + W), m1), d1)
-                t = vload(dy, o + 2 * W)
-                g2, d2 = vadd(g2, t), vmuladd(t, vsub(vload(x, o + 2 * W), m2), d2)
-                t = vload(dy, o + 3 * W)
-                g3, d3 = vadd(g3, t), vmuladd(t, vsub(vload(x, o + 3 * W), m3), d3)
+                t, xd = _vg(dy, x, o, m0, a0, b0, relu, zero)
+                g0, d0 = vadd(g0, t), vmuladd(t, xd, d0)
+                t, xd = _vg(dy, x, o + W, m1, a1, b1, relu, zero)
+                g1, d1 = vadd(g1, t), vmuladd(t, xd, d1)
+                t, xd = _vg(dy, x, o + 2 * W, m2, a2, b2, relu, zero)
+                g2, d2 = vadd(g2, t), vmuladd(t, xd, d2)
+                t, xd = _vg(dy, x, o + 3 * W, m3, a3, b3, relu, zero)
+                g3, d3 = vadd(g3, t), vmuladd(t, xd, d3)
             vstore(tmp, 0, g0), vstore(tmp, W, g1), vstore(tmp, 2 * W, g2), vstore(tmp, 3 * W, g3)
             vstore(tmp, L, d0), vstore(tmp, L + W, d1), vstore(tmp, L + 2 * W, d2), vstore(tmp, L + 3 * W, d3)
             _fold_block(tmp, 0, sg, c0, C, L, R)
@@ -955,36 +987,48 @@ def _cl_grad_rows_vec(dy, x, sg, sgd, mh, xo, slo, shi, C, R):
         for s in range(rv, r1):
             for c in range(C):
                 j = xo + s * C + c
-                g = dy[j]
+                d = x[j] - mh[c]
+                g = k[0] if relu and d * a[c] + b[c] <= k[0] else dy[j]
                 sg[c] += np.float64(g)
-                sgd[c] += np.float64(g * (x[j] - mh[c]))
+                sgd[c] += np.float64(g * d)
 
 
 @njit(**_SERIAL)
-def _cl_dx_rows_vec(dy, x, dx, mh, p, q, r, xo, slo, shi, C, R):
-    """dx = dy * p + (x - mh) * q + r (no activation), blocks of 4 SIMD vectors with the
-    coefficients in registers, as in _cl_normalize_rows_vec."""
+def _cl_dx_rows_vec(dy, x, dx, mh, a, b, p, q, r, xo, slo, shi, C, R, act, k):
+    """dx = g * p + (x - mh) * q + r with g as in _cl_grad_rows_vec, blocks of 4 SIMD vectors
+    with the coefficients in registers, as in _cl_normalize_rows_vec."""
     W = VECTOR_BYTES // x.itemsize
     L = 4 * W
-    mt, pt, qt, rt = _block_coefs(mh, R), _block_coefs(p, R), _block_coefs(q, R), _block_coefs(r, R)
+    relu = act == 1
+    zero = vsplat(x, k[0])
+    mt, at, bt = _block_coefs(mh, R), _block_coefs(a, R), _block_coefs(b, R)
+    pt, qt, rt = _block_coefs(p, R), _block_coefs(q, R), _block_coefs(r, R)
     for r0 in range(slo, shi, _CL_ROWS):
         r1 = min(r0 + _CL_ROWS, shi)
         rv = r1 - (r1 - r0) % R
         for c0 in range(0, C * R, L):
             m0, m1, m2, m3 = vload(mt, c0), vload(mt, c0 + W), vload(mt, c0 + 2 * W), vload(mt, c0 + 3 * W)
+            a0, a1, a2, a3 = vload(at, c0), vload(at, c0 + W), vload(at, c0 + 2 * W), vload(at, c0 + 3 * W)
+            b0, b1, b2, b3 = vload(bt, c0), vload(bt, c0 + W), vload(bt, c0 + 2 * W), vload(bt, c0 + 3 * W)
             p0, p1, p2, p3 = vload(pt, c0), vload(pt, c0 + W), vload(pt, c0 + 2 * W), vload(pt, c0 + 3 * W)
             q0, q1, q2, q3 = vload(qt, c0), vload(qt, c0 + W), vload(qt, c0 + 2 * W), vload(qt, c0 + 3 * W)
             t0, t1, t2, t3 = vload(rt, c0), vload(rt, c0 + W), vload(rt, c0 + 2 * W), vload(rt, c0 + 3 * W)
             for s in range(r0, rv, R):
                 o = xo + s * C + c0
-                vstore(dx, o, vmuladd(vload(dy, o), p0, vmuladd(vsub(vload(x, o), m0), q0, t0)))
-                vstore(dx, o + W, vmuladd(vload(dy, o + W), p1, vmuladd(vsub(vload(x, o + W), m1), q1, t1)))
-                vstore(dx, o + 2 * W, vmuladd(vload(dy, o + 2 * W), p2, vmuladd(vsub(vload(x, o + 2 * W), m2), q2, t2)))
-                vstore(dx, o + 3 * W, vmuladd(vload(dy, o + 3 * W), p3, vmuladd(vsub(vload(x, o + 3 * W), m3), q3, t3)))
+                t, xd = _vg(dy, x, o, m0, a0, b0, relu, zero)
+                vstore(dx, o, vmuladd(t, p0, vmuladd(xd, q0, t0)))
+                t, xd = _vg(dy, x, o + W, m1, a1, b1, relu, zero)
+                vstore(dx, o + W, vmuladd(t, p1, vmuladd(xd, q1, t1)))
+                t, xd = _vg(dy, x, o + 2 * W, m2, a2, b2, relu, zero)
+                vstore(dx, o + 2 * W, vmuladd(t, p2, vmuladd(xd, q2, t2)))
+                t, xd = _vg(dy, x, o + 3 * W, m3, a3, b3, relu, zero)
+                vstore(dx, o + 3 * W, vmuladd(t, p3, vmuladd(xd, q3, t3)))
         for s in range(rv, r1):
             for c in range(C):
                 j = xo + s * C + c
-                dx[j] = dy[j] * p[c] + (x[j] - mh[c]) * q[c] + r[c]
+                d = x[j] - mh[c]
+                g = k[0] if relu and d * a[c] + b[c] <= k[0] else dy[j]
+                dx[j] = g * p[c] + d * q[c] + r[c]
 
 
 @njit(**_SERIAL)
@@ -1020,10 +1064,10 @@ def _cl_stat_rows(x, s1, s2, shift, xo, slo, shi, C):
 
 @njit(**_SERIAL)
 def _cl_normalize_rows(x, y, mh, a, b, xo, slo, shi, C, act, k):
-    if act == 0:
+    if act <= 1:
         Rv = _cl_vec_rows(C, x.itemsize)
         if Rv > 0:
-            _cl_normalize_rows_vec(x, y, mh, a, b, xo, slo, shi, C, Rv)
+            _cl_normalize_rows_vec(x, y, mh, a, b, xo, slo, shi, C, Rv, act, k)
             return
     for s in range(slo, shi):
         xr = x[xo + s * C:xo + (s + 1) * C]
@@ -1049,10 +1093,10 @@ def _cl_grad_rows(dy, x, dx, sg, sgd, mh, a, b, xo, slo, shi, C, act, k):
     Blocks of _CL_ROWS rows are summed in x's dtype, then added in float64; R rows at a time
     as one span against tiled coefficients, as in _cl_stat_rows (_cl_grad_rows_vec when there is
     no activation and _cl_vec_rows takes the shape)."""
-    if act == 0:
+    if act <= 1:
         Rv = _cl_vec_rows(C, x.itemsize)
         if Rv > 0:
-            _cl_grad_rows_vec(dy, x, sg, sgd, mh, xo, slo, shi, C, Rv)
+            _cl_grad_rows_vec(dy, x, sg, sgd, mh, a, b, xo, slo, shi, C, Rv, act, k)
             return
     R = _cl_tile_rows(C)
     mt = _tile(mh, R)
@@ -1102,10 +1146,10 @@ def _cl_grad_rows(dy, x, dx, sg, sgd, mh, a, b, xo, slo, shi, C, act, k):
 
 @njit(**_SERIAL)
 def _cl_dx_rows(dy, x, dx, mh, a, b, p, q, r, xo, slo, shi, C, act, k):
-    if act == 0:
+    if act <= 1:
         Rv = _cl_vec_rows(C, x.itemsize)
         if Rv > 0:
-            _cl_dx_rows_vec(dy, x, dx, mh, p, q, r, xo, slo, shi, C, Rv)
+            _cl_dx_rows_vec(dy, x, dx, mh, a, b, p, q, r, xo, slo, shi, C, Rv, act, k)
             return
     for s in range(slo, shi):
         xr = x[xo + s * C:xo + (s + 1) * C]

@@ -110,3 +110,19 @@ def vmuladd(typingctx, u, v, w):
         return builder.call(fn, args)
 
     return u(u, v, w), codegen
+
+
+def _select(predicate):
+    @intrinsic
+    def op(typingctx, u, v, a, b):
+        def codegen(context, builder, sig, args):
+            return builder.select(builder.fcmp_ordered(predicate, args[0], args[1]), args[2], args[3])
+
+        return a(u, v, a, b), codegen
+
+    return op
+
+
+# lane by lane: a where the ordered comparison of u and v holds, else b (a NaN lane takes b)
+vselect_lt = _select("<")
+vselect_le = _select("<=")
