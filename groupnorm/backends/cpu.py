@@ -868,6 +868,20 @@ def _fold_block(tmp, toff, s, c0, C, L, R):
                 s[c] += np.float64(tmp[toff + rr * C + c])
 
 
+@njit(inline="always", **_SERIAL)
+def _vload4(a, i, W):
+    """The block's 4 vectors a[i:i + W], ..., a[i + 3W:i + 4W]."""
+    return vload(a, i), vload(a, i + W), vload(a, i + 2 * W), vload(a, i + 3 * W)
+
+
+@njit(inline="always", **_SERIAL)
+def _vstore4(a, i, W, v0, v1, v2, v3):
+    vstore(a, i, v0)
+    vstore(a, i + W, v1)
+    vstore(a, i + 2 * W, v2)
+    vstore(a, i + 3 * W, v3)
+
+
 @njit(**_SERIAL)
 def _cl_stat_rows_vec(x, s1, s2, shift, xo, slo, shi, C, R):
     """_cl_stat_rows with the block sums in SIMD registers: within each _CL_ROWS-row tile, each
@@ -882,7 +896,7 @@ def _cl_stat_rows_vec(x, s1, s2, shift, xo, slo, shi, C, R):
         r1 = min(r0 + _CL_ROWS, shi)
         rv = r1 - (r1 - r0) % R
         for c0 in range(0, C * R, L):
-            h0, h1, h2, h3 = vload(sh, c0), vload(sh, c0 + W), vload(sh, c0 + 2 * W), vload(sh, c0 + 3 * W)
+            h0, h1, h2, h3 = _vload4(sh, c0, W)
             a0 = vsplat(x, 0.0)
             a1, a2, a3, q0, q1, q2, q3 = a0, a0, a0, a0, a0, a0, a0
             for s in range(r0, rv, R):
@@ -895,8 +909,8 @@ def _cl_stat_rows_vec(x, s1, s2, shift, xo, slo, shi, C, R):
                 a2, q2 = vadd(a2, d), vmuladd(d, d, q2)
                 d = vsub(vload(x, o + 3 * W), h3)
                 a3, q3 = vadd(a3, d), vmuladd(d, d, q3)
-            vstore(tmp, 0, a0), vstore(tmp, W, a1), vstore(tmp, 2 * W, a2), vstore(tmp, 3 * W, a3)
-            vstore(tmp, L, q0), vstore(tmp, L + W, q1), vstore(tmp, L + 2 * W, q2), vstore(tmp, L + 3 * W, q3)
+            _vstore4(tmp, 0, W, a0, a1, a2, a3)
+            _vstore4(tmp, L, W, q0, q1, q2, q3)
             _fold_block(tmp, 0, s1, c0, C, L, R)
             _fold_block(tmp, L, s2, c0, C, L, R)
         for s in range(rv, r1):
@@ -935,9 +949,9 @@ def _cl_normalize_rows_vec(x, y, mh, a, b, xo, slo, shi, C, R, act, k):
         r1 = min(r0 + _CL_ROWS, shi)
         rv = r1 - (r1 - r0) % R
         for c0 in range(0, C * R, L):
-            m0, m1, m2, m3 = vload(mt, c0), vload(mt, c0 + W), vload(mt, c0 + 2 * W), vload(mt, c0 + 3 * W)
-            a0, a1, a2, a3 = vload(at, c0), vload(at, c0 + W), vload(at, c0 + 2 * W), vload(at, c0 + 3 * W)
-            b0, b1, b2, b3 = vload(bt, c0), vload(bt, c0 + W), vload(bt, c0 + 2 * W), vload(bt, c0 + 3 * W)
+            m0, m1, m2, m3 = _vload4(mt, c0, W)
+            a0, a1, a2, a3 = _vload4(at, c0, W)
+            b0, b1, b2, b3 = _vload4(bt, c0, W)
             for s in range(r0, rv, R):
                 o = xo + s * C + c0
                 vstore(y, o, _vz(x, o, m0, a0, b0, relu, zero)[0])
@@ -965,9 +979,9 @@ def _cl_grad_rows_vec(dy, x, sg, sgd, mh, a, b, xo, slo, shi, C, R, act, k):
         r1 = min(r0 + _CL_ROWS, shi)
         rv = r1 - (r1 - r0) % R
         for c0 in range(0, C * R, L):
-            m0, m1, m2, m3 = vload(mt, c0), vload(mt, c0 + W), vload(mt, c0 + 2 * W), vload(mt, c0 + 3 * W)
-            a0, a1, a2, a3 = vload(at, c0), vload(at, c0 + W), vload(at, c0 + 2 * W), vload(at, c0 + 3 * W)
-            b0, b1, b2, b3 = vload(bt, c0), vload(bt, c0 + W), vload(bt, c0 + 2 * W), vload(bt, c0 + 3 * W)
+            m0, m1, m2, m3 = _vload4(mt, c0, W)
+            a0, a1, a2, a3 = _vload4(at, c0, W)
+            b0, b1, b2, b3 = _vload4(bt, c0, W)
             g0 = vsplat(x, 0.0)
             g1, g2, g3, d0, d1, d2, d3 = g0, g0, g0, g0, g0, g0, g0
             for s in range(r0, rv, R):
@@ -980,8 +994,8 @@ def _cl_grad_rows_vec(dy, x, sg, sgd, mh, a, b, xo, slo, shi, C, R, act, k):
                 g2, d2 = vadd(g2, t), vmuladd(t, xd, d2)
                 t, xd = _vg(dy, x, o + 3 * W, m3, a3, b3, relu, zero)
                 g3, d3 = vadd(g3, t), vmuladd(t, xd, d3)
-            vstore(tmp, 0, g0), vstore(tmp, W, g1), vstore(tmp, 2 * W, g2), vstore(tmp, 3 * W, g3)
-            vstore(tmp, L, d0), vstore(tmp, L + W, d1), vstore(tmp, L + 2 * W, d2), vstore(tmp, L + 3 * W, d3)
+            _vstore4(tmp, 0, W, g0, g1, g2, g3)
+            _vstore4(tmp, L, W, d0, d1, d2, d3)
             _fold_block(tmp, 0, sg, c0, C, L, R)
             _fold_block(tmp, L, sgd, c0, C, L, R)
         for s in range(rv, r1):
@@ -1007,12 +1021,12 @@ def _cl_dx_rows_vec(dy, x, dx, mh, a, b, p, q, r, xo, slo, shi, C, R, act, k):
         r1 = min(r0 + _CL_ROWS, shi)
         rv = r1 - (r1 - r0) % R
         for c0 in range(0, C * R, L):
-            m0, m1, m2, m3 = vload(mt, c0), vload(mt, c0 + W), vload(mt, c0 + 2 * W), vload(mt, c0 + 3 * W)
-            a0, a1, a2, a3 = vload(at, c0), vload(at, c0 + W), vload(at, c0 + 2 * W), vload(at, c0 + 3 * W)
-            b0, b1, b2, b3 = vload(bt, c0), vload(bt, c0 + W), vload(bt, c0 + 2 * W), vload(bt, c0 + 3 * W)
-            p0, p1, p2, p3 = vload(pt, c0), vload(pt, c0 + W), vload(pt, c0 + 2 * W), vload(pt, c0 + 3 * W)
-            q0, q1, q2, q3 = vload(qt, c0), vload(qt, c0 + W), vload(qt, c0 + 2 * W), vload(qt, c0 + 3 * W)
-            t0, t1, t2, t3 = vload(rt, c0), vload(rt, c0 + W), vload(rt, c0 + 2 * W), vload(rt, c0 + 3 * W)
+            m0, m1, m2, m3 = _vload4(mt, c0, W)
+            a0, a1, a2, a3 = _vload4(at, c0, W)
+            b0, b1, b2, b3 = _vload4(bt, c0, W)
+            p0, p1, p2, p3 = _vload4(pt, c0, W)
+            q0, q1, q2, q3 = _vload4(qt, c0, W)
+            t0, t1, t2, t3 = _vload4(rt, c0, W)
             for s in range(r0, rv, R):
                 o = xo + s * C + c0
                 t, xd = _vg(dy, x, o, m0, a0, b0, relu, zero)
