@@ -1248,7 +1248,7 @@ def _forward_cl(x, y, w, b, st, N, C, S, G, eps, act, nch):
         it = np.int64(it0)  # prange indices are unsigned; one signature per helper
         if nch == 0:
             n = it
-            s0, s1_ = 0, S
+            s0, s1_ = np.int64(0), S  # not the literal 0: one compiled signature for both decompositions
             shift = _cl_shifts(x, n * S * C, C, Cg, off)
             acc1 = np.zeros(C)
             acc2 = np.zeros(C)
@@ -1313,7 +1313,7 @@ def _backward_cl(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
         it = np.int64(it0)  # prange indices are unsigned; one signature per helper
         if nch == 0:
             n = it
-            s0, s1 = 0, S
+            s0, s1 = np.int64(0), S  # (see _forward_cl)
             base = n * 6 * C
             for g in range(G):  # per sample, in the parallel loop (made serially before: 1.02-1.06x on 8x8 maps)
                 _affine_coefs(cf, st, n, g, C, Cg, w, b)
