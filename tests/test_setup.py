@@ -18,7 +18,7 @@ tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.to
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 # distribution name -> module it installs, where they differ; pillow comes with matplotlib (the
 # image-folder data tests use it)
-_MODULE = {"pillow": "PIL"}
+_MODULE = {"pillow": "PIL", "pytest-timeout": "pytest_timeout"}
 
 
 def _requirements() -> list[str]:
@@ -30,3 +30,9 @@ def _requirements() -> list[str]:
 @pytest.mark.parametrize("dist", _requirements())
 def test_every_dependency_of_the_tests_imports(dist):
     importlib.import_module(_MODULE.get(dist, dist))
+
+
+def test_a_hung_test_times_out(pytestconfig):
+    """pytest-timeout is active with the project's limit, so a hang fails its test instead of the whole run."""
+    assert pytestconfig.pluginmanager.hasplugin("timeout")
+    assert float(pytestconfig.getini("timeout")) == 600
