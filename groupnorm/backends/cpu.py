@@ -26,10 +26,10 @@ faster at that size). The mean is stored as ``mean_hi`` (rounded to the stats dt
 
 Channels-last loops: when C is a multiple of a block of 4 SIMD vectors (64 float32 / 32 float64
 channels, rows up to 1 KiB) or a block holds 2 or 4 whole rows (C = 16, 32 float32; 8, 16 float64),
-the statistics, the normalization without activation, and the backward's two passes without
-activation run block loops (``_cl_*_vec``) written with the explicit vectors of
+the statistics, and the normalization and the backward's two passes without activation or with
+ReLU, run block loops (``_cl_*_vec``) written with the explicit vectors of
 ``groupnorm.backends.simd``: each block runs down a 64-row tile with its sums (or its
-coefficients) in registers. Other shapes, and activations after the statistics, run row-span loops
+coefficients) in registers. Other shapes, and SiLU/GELU after the statistics, run row-span loops
 that LLVM vectorizes itself, with per-channel accumulators in memory.
 
 Backward: per-(n, c) sums ``A = sum g``, ``B = sum g * xhat`` (g = dy * act'(z), z recomputed
@@ -1105,8 +1105,8 @@ def _cl_normalize_rows(x, y, mh, a, b, xo, slo, shi, C, act, k):
 def _cl_grad_rows(dy, x, dx, sg, sgd, mh, a, b, xo, slo, shi, C, act, k):
     """sg[c] += sum g, sgd[c] += sum g * (x - mh[c]); g parked in dx for SiLU/GELU.
     Blocks of _CL_ROWS rows are summed in x's dtype, then added in float64; R rows at a time
-    as one span against tiled coefficients, as in _cl_stat_rows (_cl_grad_rows_vec when there is
-    no activation and _cl_vec_rows takes the shape)."""
+    as one span against tiled coefficients, as in _cl_stat_rows (_cl_grad_rows_vec without
+    activation or with ReLU, when _cl_vec_rows takes the shape)."""
     if act <= 1:
         Rv = _cl_vec_rows(C, x.itemsize)
         if Rv > 0:
