@@ -96,7 +96,6 @@ def _binary(instruction):
 
 vadd = _binary("fadd")
 vsub = _binary("fsub")
-vmul = _binary("fmul")
 
 
 @intrinsic
