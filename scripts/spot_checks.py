@@ -56,6 +56,10 @@ Session 10 addition:
 
     python scripts/spot_checks.py cold-bwd --groups 8 1x64x32x32x32   # backward with the caches flushed, none vs ReLU
 
+Session 12 addition:
+
+    python scripts/spot_checks.py compile-times [--old /path/to/older/checkout]   # first-call JIT compile, nothing cached
+
 huge-values: max relative error against float64 of y and dx (float32 input of std 1e18..1e30, G = 4)
 for the numba and composite backends and torch.nn.functional.group_norm, both layouts.
 
@@ -70,8 +74,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -636,6 +642,39 @@ def startup(runs: int) -> None:
         print(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip())
 
 
+def compile_times(old_root: str | None) -> None:
+    """Each of the eight numba kernels' first call with nothing cached (the Python path, one fresh
+    process compiling them in turn): the package is copied to an empty temporary folder, so neither
+    its __pycache__ nor numba's cache is used; --old times an older checkout's package the same way."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    code = (
+        "import time, torch\n"
+        "from groupnorm.backends import cpu\n"
+        "for dt in (torch.float32, torch.float64):\n"
+        "    for cl in (False, True):\n"
+        "        x = torch.randn(2, 64, 8, 8, dtype=dt)\n"
+        "        x = x.contiguous(memory_format=torch.channels_last) if cl else x\n"
+        "        w, b = torch.ones(64, dtype=dt), torch.zeros(64, dtype=dt)\n"
+        "        t = time.perf_counter(); y, st = cpu.BACKEND.forward(x, w, b, 8, 1e-5, 'none'); t1 = time.perf_counter()\n"
+        "        cpu.BACKEND.backward(torch.ones_like(x), x, w, b, st, 8, 'none', (True, True, True))\n"
+        "        t2 = time.perf_counter()\n"
+        "        print(f'{str(dt)[6:]} {\"channels_last\" if cl else \"contiguous\"}: forward {t1 - t:.1f} s, backward {t2 - t1:.1f} s')\n"
+    )
+    roots = [("this checkout", Path(__file__).resolve().parents[1])]
+    if old_root:
+        roots.append((old_root, Path(old_root)))
+    for label, root in roots:
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copytree(root / "groupnorm", Path(tmp) / "groupnorm", ignore=shutil.ignore_patterns("__pycache__"))
+            env = dict(os.environ, PYTHONPATH=tmp, GROUPNORM_NATIVE="0", NUMBA_CACHE_DIR=str(Path(tmp) / "numba"))
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp)
+            print(f"{label}:\n{out.stdout.strip() or out.stderr.strip()[-2000:]}")
+
+
 def _fit_exp(deg: int) -> np.ndarray:
     """Coefficients c0 = 1, c1..c_deg of a polynomial for exp(r) on |r| <= ln2/2 (a hair wider), fitted
     for the least maximum relative error: least squares on Chebyshev nodes, reweighted toward the
@@ -831,11 +870,11 @@ def main() -> None:
                                     "nt-store", "train-profile", "stats-accuracy", "neighbour-bias",
                                     "geomeans", "openmp-runtimes", "engine-cost", "cl-blocks", "startup",
                                     "bitwise-ab", "huge-values", "exp-poly", "cl-rows", "torch-segv", "ddp-exit",
-                                    "cold-bwd"])
+                                    "cold-bwd", "compile-times"])
     p.add_argument("args", nargs="*", help="paths, neighbour-bias: a shape (default 32 1024 14 14, 8 2048 7 7); kernel-ab: fwd|bwd then shapes like 8x2048x7x7; geomeans: bench --out folders")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--old", help="kernel-ab, bitwise-ab, activation-error, stats-accuracy, exp-poly: root of an older checkout")
+    p.add_argument("--old", help="kernel-ab, bitwise-ab, activation-error, stats-accuracy, exp-poly, compile-times: root of an older checkout")
     p.add_argument("--layout", default="contiguous", choices=["contiguous", "channels_last"],
                    help="kernel-ab: which kernels (channels_last: _forward_cl/_backward_cl on channels-last storage)")
     p.add_argument("--groups", type=int, default=32, help="kernel-ab: G")
@@ -882,6 +921,8 @@ def main() -> None:
         cl_blocks(a.threads, a.rounds)
     elif a.what == "startup":
         startup(3)
+    elif a.what == "compile-times":
+        compile_times(a.old)
     elif a.what == "neighbour-bias":
         neighbour_bias(tuple(int(v) for v in a.args) if a.args else (8, 2048, 7, 7), a.threads, max(a.rounds, 31))
     elif a.what == "forward-floor":

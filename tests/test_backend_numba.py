@@ -145,11 +145,12 @@ def test_simd_channels_last_matches_reference(shape, G, dtype, mode):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape,G", [((2, 128, 8, 9), 8), ((3, 32, 7, 6), 4), ((2, 48, 5, 6), 8)])
-def test_relu_backward_mask_is_the_forwards(shape, G, layout, mode):
+def test_relu_backward_mask_is_the_forwards(shape, G, layout, mode, monkeypatch):
     """The backward lets the gradient through exactly where the forward's ReLU output is positive,
     including elements with z == 0 exactly (x at the group mean, zero bias): with dy = 1, dbias[c]
     counts them. Values -1, 0, 1 and their negatives in the other half of each map make every
-    group's sum, and so its computed mean, exactly 0."""
+    group's sum, and so its computed mean, exactly 0. The backward runs in the other work
+    decomposition than the forward (other row chunks, so other rows in SIMD blocks and scalar tails)."""
     g = torch.Generator().manual_seed(3)
     half = torch.randint(-1, 2, (shape[0], shape[1], math.prod(shape[2:]) // 2), generator=g).float()
     x = torch.cat([half, -half], dim=2).reshape(shape)
@@ -160,6 +161,7 @@ def test_relu_backward_mask_is_the_forwards(shape, G, layout, mode):
     b = torch.zeros(C)
     y, stats = BACKEND.forward(x, w, b, G, 1e-5, "relu")
     assert (y == 0).any() and (y > 0).any()
+    monkeypatch.setattr(cpu, "split_mode", "split" if mode == "fused" else "fused")
     dy = torch.ones_like(x)
     _, _, db = BACKEND.backward(dy, x, w, b, stats, G, "relu", [False, False, True])
     expected = (y > 0).sum(dim=[d for d in range(y.dim()) if d != 1]).float()

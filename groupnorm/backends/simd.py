@@ -8,7 +8,8 @@ small maps with C <= 256 it ran at half ATen's speed. With these, a kernel names
 itself and LLVM keeps them in registers (on AVX2 a 64-byte vector is two ymm registers).
 
 The operations are the plain IEEE ones (no fast-math flags) except ``vmuladd``, which is
-``llvm.fmuladd``: fused where the CPU has FMA, as ``fastmath={"contract"}`` allows elsewhere.
+``llvm.fmuladd``: fused where the CPU has FMA, as ``fastmath={"contract"}`` allows elsewhere
+(``smuladd`` is the same on scalars, for rows a vector loop leaves to scalar code).
 Loads and stores are unaligned and unchecked: the caller keeps ``i + width(a) <= a.size``.
 """
 
@@ -98,15 +99,30 @@ vadd = _binary("fadd")
 vsub = _binary("fsub")
 
 
+def _fmuladd(builder, args, bits):
+    t = args[0].type
+    name = f"llvm.fmuladd.v{t.count}f{bits}" if isinstance(t, ir.VectorType) else f"llvm.fmuladd.f{bits}"
+    return builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(t, [t, t, t]), name), args)
+
+
 @intrinsic
 def vmuladd(typingctx, u, v, w):
     """u * v + w (llvm.fmuladd: one rounding where the CPU has FMA)."""
 
     def codegen(context, builder, sig, args):
-        vt = args[0].type
-        suffix = f"v{vt.count}f{u.dtype.bitwidth}"
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]), f"llvm.fmuladd.{suffix}")
-        return builder.call(fn, args)
+        return _fmuladd(builder, args, u.dtype.bitwidth)
+
+    return u(u, v, w), codegen
+
+
+@intrinsic
+def smuladd(typingctx, u, v, w):
+    """vmuladd on three floats of one type: a scalar row computes what a vector lane computes."""
+    if not (isinstance(u, types.Float) and u == v == w):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _fmuladd(builder, args, u.bitwidth)
 
     return u(u, v, w), codegen
 
