@@ -150,28 +150,46 @@ def time_interleaved(cases: dict, rounds: int, min_sample_s: float = 2e-3, fault
                                   faults=faults)
 
 
-def _load_old_cpu(old_root: str):
-    """An older checkout's groupnorm/backends/cpu.py as a module of its own name."""
+def _load_old_cpu(old_root: str, vector_bytes: int | None = None):
+    """An older checkout's groupnorm/backends/cpu.py as a module of its own name, with that
+    checkout's simd.py (when it has one) as a module of its own too, so that the two sides of an
+    A/B run differ in both; vector_bytes (kernel-ab --old-vector-bytes) sets the old side's SIMD
+    width in place of the one its simd.py picks for this CPU."""
     import importlib.util
     import shutil
     import sys
     import tempfile
     from pathlib import Path
 
-    # a copy in a fresh directory: numba's on-disk cache (kept next to the file) pickles the module
-    # name, so the old checkout's own cache must not be read under another name
-    path = Path(tempfile.mkdtemp()) / "groupnorm_old_cpu.py"
-    shutil.copy(Path(old_root) / "groupnorm" / "backends" / "cpu.py", path)
-    spec = importlib.util.spec_from_file_location("groupnorm_old_cpu", path)
-    old = importlib.util.module_from_spec(spec)
-    sys.modules["groupnorm_old_cpu"] = old
-    spec.loader.exec_module(old)
-    return old
+    def load(name, src, text=None):
+        # a copy in a fresh directory: numba's on-disk cache (kept next to the file) pickles the
+        # module name, so the old checkout's own cache must not be read under another name
+        path = Path(tempfile.mkdtemp()) / f"{name}.py"
+        if text is None:
+            shutil.copy(src, path)
+        else:
+            path.write_text(text)
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    backends = Path(old_root) / "groupnorm" / "backends"
+    text = (backends / "cpu.py").read_text()
+    if (backends / "simd.py").exists():
+        simd = load("groupnorm_old_simd", backends / "simd.py")
+        if vector_bytes:
+            simd.VECTOR_BYTES = vector_bytes  # read when a vector type is made, i.e. at compile time
+        text = text.replace("from groupnorm.backends.simd import", "from groupnorm_old_simd import")
+    elif vector_bytes:
+        raise SystemExit(f"--old-vector-bytes: {old_root} has no groupnorm/backends/simd.py")
+    return load("groupnorm_old_cpu", backends / "cpu.py", text)
 
 
 def kernel_ab(old_root: str, which: str, shapes: list, threads: int, act: str = "none", layout: str = "contiguous",
-              groups: int = 32) -> None:
-    old = _load_old_cpu(old_root)
+              groups: int = 32, old_vector_bytes: int | None = None) -> None:
+    old = _load_old_cpu(old_root, old_vector_bytes)
     numba.set_num_threads(threads)
     torch.set_num_threads(threads)
     cl = layout == "channels_last"
@@ -740,9 +758,10 @@ def exp_poly(old_root: str | None, rounds: int) -> None:
 
 def cl_rows(rounds: int) -> None:
     """The channels-last statistics pass, one thread: the row loop as it was before session 9 (a
-    short vector loop per row of C values) against cpu._cl_stat_rows (R rows per loop) and a copy."""
+    short vector loop per row of C values) against cpu._cl_stat_rows (R rows per loop; its row-span
+    loops, not the SIMD block loops of session 12) and a copy."""
     @numba.njit(error_model="numpy")
-    def per_row(x, s1, s2, shift, xo, slo, shi, C):
+    def per_row(x, s1, s2, shift, xo, slo, shi, C, Rv):
         a1 = np.empty(C, x.dtype)
         a2 = np.empty(C, x.dtype)
         for r0 in range(slo, shi, 64):
@@ -762,7 +781,7 @@ def cl_rows(rounds: int) -> None:
     def over_samples(fn, x, N, S, C, shift):
         s1, s2 = np.zeros(C), np.zeros(C)
         for n in range(N):
-            fn(x, s1, s2, shift, n * S * C, 0, S, C)
+            fn(x, s1, s2, shift, n * S * C, 0, S, C, 0)
         return s1, s2
 
     numba.set_num_threads(1)
@@ -880,6 +899,8 @@ def main() -> None:
     p.add_argument("--groups", type=int, default=32, help="kernel-ab: G")
     p.add_argument("--act", default="none", choices=["none", "relu", "silu", "gelu"],
                    help="kernel-ab: the fused activation (ATen's side: its group norm op and torch's activation op)")
+    p.add_argument("--old-vector-bytes", type=int, choices=[32, 64],
+                   help="kernel-ab: the old side's SIMD vector width (default: what its simd.py picks for this CPU)")
     a = p.parse_intermixed_args()
     if a.what == "silu":
         silu()
@@ -889,7 +910,7 @@ def main() -> None:
         if not a.old or not a.args or a.args[0] not in ("fwd", "bwd"):
             p.error("kernel-ab needs --old CHECKOUT, then fwd or bwd, then shapes such as 8x2048x7x7")
         kernel_ab(a.old, a.args[0], [tuple(int(v) for v in s.split("x")) for s in a.args[1:]] or [(8, 2048, 7, 7)], a.threads,
-                  a.act, a.layout, a.groups)
+                  a.act, a.layout, a.groups, a.old_vector_bytes)
     elif a.what == "bitwise-ab":
         if not a.old:
             p.error("bitwise-ab needs --old CHECKOUT")

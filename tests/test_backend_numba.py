@@ -18,6 +18,7 @@ pytest.importorskip("numba")
 
 from groupnorm.backends import cpu  # noqa: E402
 from groupnorm.backends import reference as ref  # noqa: E402
+from groupnorm.backends import simd  # noqa: E402
 
 BACKEND = cpu.BACKEND
 ACTS = ("none", "relu", "silu", "gelu")
@@ -128,11 +129,25 @@ SIMD_SHAPES = [
 
 
 def test_simd_block_rule():
-    """Which channel counts the SIMD block kernels take (R rows per block; 0: row-span kernels)."""
-    f32 = {C: int(cpu._cl_vec_rows(C, 4)) for C in (8, 16, 32, 48, 64, 96, 128, 192, 256, 512)}
-    assert f32 == {8: 0, 16: 4, 32: 2, 48: 0, 64: 1, 96: 0, 128: 1, 192: 1, 256: 1, 512: 0}
-    f64 = {C: int(cpu._cl_vec_rows(C, 8)) for C in (4, 8, 16, 24, 32, 64, 128, 256)}
-    assert f64 == {4: 0, 8: 4, 16: 2, 24: 0, 32: 1, 64: 1, 128: 1, 256: 0}
+    """Which channel counts the SIMD block kernels take (R rows per block; 0: row-span kernels).
+    With AVX-512: every multiple of the block up to 1 KiB rows. Without (AVX2): rows of several
+    blocks only for samples up to 64 KiB; one block per row, or whole rows in a block, always."""
+    def rule(itemsize, channels, S, avx512):
+        return {C: int(cpu.vec_rows_rule(C, S, itemsize, avx512)) for C in channels}
+
+    f32 = (8, 16, 32, 48, 64, 96, 128, 192, 256, 512)
+    f64 = (4, 8, 16, 24, 32, 64, 128, 256)
+    expected32 = {8: 0, 16: 4, 32: 2, 48: 0, 64: 1, 96: 0, 128: 1, 192: 1, 256: 1, 512: 0}
+    expected64 = {4: 0, 8: 4, 16: 2, 24: 0, 32: 1, 64: 1, 128: 1, 256: 0}
+    for S in (49, 3136):
+        assert rule(4, f32, S, True) == expected32
+        assert rule(8, f64, S, True) == expected64
+    assert rule(4, f32, 64, False) == expected32  # 64 rows of 256 channels: 64 KiB
+    assert rule(8, f64, 64, False) == expected64
+    assert rule(4, f32, 3136, False) == {**expected32, 128: 0, 192: 0, 256: 0}
+    assert rule(8, f64, 3136, False) == {**expected64, 64: 0, 128: 0}
+    assert rule(4, (256,), 65, False) == {256: 0}
+    assert all(cpu._cl_vec_rows(C, 3136, 4) == cpu.vec_rows_rule(C, 3136, 4, simd.HOST_AVX512) for C in f32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

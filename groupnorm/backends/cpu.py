@@ -52,7 +52,7 @@ from numba.extending import intrinsic, overload
 from numba.np.ufunc import parallel as _numba_parallel
 
 from groupnorm.backends import ACT_CODES, native
-from groupnorm.backends.simd import VECTOR_BYTES, smuladd, vadd, vload, vmuladd, vselect_le, vselect_lt, vsplat, vstore, vsub
+from groupnorm.backends.simd import HOST_AVX512, VECTOR_BYTES, smuladd, vadd, vload, vmuladd, vselect_le, vselect_lt, vsplat, vstore, vsub
 
 # "auto" picks the work decomposition from the shape and the thread count; tests force
 # "fused" (one item per group / sample) or "split" (reduction split into chunks).
@@ -834,20 +834,35 @@ def _fold_rows(acc, s, R, C):
             s[c] += np.float64(acc[r * C + c])
 
 
+_AVX2_BLOCK_SAMPLE_BYTES = 65536
+
+
 @njit(inline="always", **_SERIAL)
-def _cl_vec_rows(C, itemsize):
+def vec_rows_rule(C, S, itemsize, avx512):
     """R, the (S, C) rows one block of 4 SIMD vectors spans, for the _cl_*_vec kernels: 1 when
     C is a multiple of the block and a row is at most 1 KiB, 2 or 4 when a block holds whole
     rows; 0 when neither (the row-span kernels run). Wider rows ran slower in blocks (a block
     walks down the tile touching a page or more per row; 512-channel float32 rows in 16-row
-    tiles: 0.71-0.94x the row-span loops, session 12)."""
+    tiles: 0.71-0.94x the row-span loops, session 12, Zen 5). Without AVX-512 (session 13, Zen 3,
+    AVX2) rows of several blocks ran slower too unless the sample was small: 0.76-0.91x forward,
+    0.54-0.93x backward for samples of 196 KiB to 3 MiB, 1.05-1.28x at 32-64 KiB; there they
+    take the blocks only for samples up to _AVX2_BLOCK_SAMPLE_BYTES. The rule depends on the
+    shape alone, so the forward and the backward agree on it (and so on ReLU's mask)."""
     W = VECTOR_BYTES // itemsize
     L = 4 * W
     if C % L == 0 and C * itemsize <= 1024:
-        return 1
+        if avx512 or C == L or S * C * itemsize <= _AVX2_BLOCK_SAMPLE_BYTES:
+            return 1
+        return 0
     if C % W == 0 and L % C == 0:
         return L // C
     return 0
+
+
+@njit(inline="always", **_SERIAL)
+def _cl_vec_rows(C, S, itemsize):
+    """vec_rows_rule on this CPU (simd.HOST_AVX512)."""
+    return vec_rows_rule(C, S, itemsize, HOST_AVX512)
 
 
 @njit(**_SERIAL)
@@ -1066,14 +1081,13 @@ def _cl_dx_rows_vec(dy, x, dx, mh, a, b, p, q, r, xo, slo, shi, C, R, act, k):
 
 
 @njit(**_SERIAL)
-def _cl_stat_rows(x, s1, s2, shift, xo, slo, shi, C):
+def _cl_stat_rows(x, s1, s2, shift, xo, slo, shi, C, Rv):
     """s1[c] += sum d, s2[c] += sum d*d over rows slo..shi of the sample at x[xo:], with
     d = x - shift[c] (shift in x's dtype); blocks of _CL_ROWS rows are summed in x's dtype
     (full SIMD width), then added in float64. R rows are taken at a time as one span of R*C
     values against R copies of the shifts: one long vector loop instead of a short one per row
     (whose set-up cost as much as its work for C <= 256 on AVX-512), R partial sums per channel.
-    Shapes _cl_vec_rows takes run _cl_stat_rows_vec instead."""
-    Rv = _cl_vec_rows(C, x.itemsize)
+    Rv > 0 (_cl_vec_rows, for the whole tensor's shape): _cl_stat_rows_vec runs instead."""
     if Rv > 0:
         _cl_stat_rows_vec(x, s1, s2, shift, xo, slo, shi, C, Rv)
         return
@@ -1097,12 +1111,10 @@ def _cl_stat_rows(x, s1, s2, shift, xo, slo, shi, C):
 
 
 @njit(**_SERIAL)
-def _cl_normalize_rows(x, y, mh, a, b, xo, slo, shi, C, act, k):
-    if act <= 1:
-        Rv = _cl_vec_rows(C, x.itemsize)
-        if Rv > 0:
-            _cl_normalize_rows_vec(x, y, mh, a, b, xo, slo, shi, C, Rv, act, k)
-            return
+def _cl_normalize_rows(x, y, mh, a, b, xo, slo, shi, C, Rv, act, k):
+    if act <= 1 and Rv > 0:
+        _cl_normalize_rows_vec(x, y, mh, a, b, xo, slo, shi, C, Rv, act, k)
+        return
     for s in range(slo, shi):
         xr = x[xo + s * C:xo + (s + 1) * C]
         yr = y[xo + s * C:xo + (s + 1) * C]
@@ -1122,16 +1134,14 @@ def _cl_normalize_rows(x, y, mh, a, b, xo, slo, shi, C, act, k):
 
 
 @njit(**_SERIAL)
-def _cl_grad_rows(dy, x, dx, sg, sgd, mh, a, b, xo, slo, shi, C, act, k):
+def _cl_grad_rows(dy, x, dx, sg, sgd, mh, a, b, xo, slo, shi, C, Rv, act, k):
     """sg[c] += sum g, sgd[c] += sum g * (x - mh[c]); g parked in dx for SiLU/GELU.
     Blocks of _CL_ROWS rows are summed in x's dtype, then added in float64; R rows at a time
     as one span against tiled coefficients, as in _cl_stat_rows (_cl_grad_rows_vec without
-    activation or with ReLU, when _cl_vec_rows takes the shape)."""
-    if act <= 1:
-        Rv = _cl_vec_rows(C, x.itemsize)
-        if Rv > 0:
-            _cl_grad_rows_vec(dy, x, sg, sgd, mh, a, b, xo, slo, shi, C, Rv, act, k)
-            return
+    activation or with ReLU, when Rv > 0: _cl_vec_rows takes the shape)."""
+    if act <= 1 and Rv > 0:
+        _cl_grad_rows_vec(dy, x, sg, sgd, mh, a, b, xo, slo, shi, C, Rv, act, k)
+        return
     R = _cl_tile_rows(C)
     mt = _tile(mh, R)
     at = _tile(a, R)
@@ -1179,12 +1189,10 @@ def _cl_grad_rows(dy, x, dx, sg, sgd, mh, a, b, xo, slo, shi, C, act, k):
 
 
 @njit(**_SERIAL)
-def _cl_dx_rows(dy, x, dx, mh, a, b, p, q, r, xo, slo, shi, C, act, k):
-    if act <= 1:
-        Rv = _cl_vec_rows(C, x.itemsize)
-        if Rv > 0:
-            _cl_dx_rows_vec(dy, x, dx, mh, a, b, p, q, r, xo, slo, shi, C, Rv, act, k)
-            return
+def _cl_dx_rows(dy, x, dx, mh, a, b, p, q, r, xo, slo, shi, C, Rv, act, k):
+    if act <= 1 and Rv > 0:
+        _cl_dx_rows_vec(dy, x, dx, mh, a, b, p, q, r, xo, slo, shi, C, Rv, act, k)
+        return
     for s in range(slo, shi):
         xr = x[xo + s * C:xo + (s + 1) * C]
         dyr = dy[xo + s * C:xo + (s + 1) * C]
@@ -1234,6 +1242,7 @@ def _forward_cl(x, y, w, b, st, N, C, S, G, eps, act, nch):
     M = Cg * S
     off = _shift_offsets(Cg, S, 1, C)
     cf = np.empty(N * 6 * C, x.dtype)
+    Rv = _cl_vec_rows(C, S, x.itemsize)
     items = N if nch == 0 else N * nch
     if nch > 0:  # few samples (batch 1): made once here, each channel's shift is the same in every chunk
         shifts = np.empty(N * C, x.dtype)
@@ -1247,7 +1256,7 @@ def _forward_cl(x, y, w, b, st, N, C, S, G, eps, act, nch):
             po = it * 2 * C
             _cl_stat_rows(
                 x, part[po:po + C], part[po + C:po + 2 * C], shifts[n * C:(n + 1) * C],
-                n * S * C, ch * S // nch, (ch + 1) * S // nch, C,
+                n * S * C, ch * S // nch, (ch + 1) * S // nch, C, Rv,
             )
         for n in range(N):
             for g in range(G):
@@ -1272,7 +1281,7 @@ def _forward_cl(x, y, w, b, st, N, C, S, G, eps, act, nch):
             shift = _cl_shifts(x, n * S * C, C, Cg, off)
             acc1 = np.zeros(C)
             acc2 = np.zeros(C)
-            _cl_stat_rows(x, acc1, acc2, shift, n * S * C, s0, s1_, C)
+            _cl_stat_rows(x, acc1, acc2, shift, n * S * C, s0, s1_, C, Rv)
             for g in range(G):
                 t1 = 0.0
                 t2 = 0.0
@@ -1292,7 +1301,7 @@ def _forward_cl(x, y, w, b, st, N, C, S, G, eps, act, nch):
         base = n * 6 * C
         _cl_normalize_rows(
             x, y, cf[base:base + C], cf[base + C:base + 2 * C], cf[base + 2 * C:base + 3 * C],
-            n * S * C, s0, s1_, C, act, k,
+            n * S * C, s0, s1_, C, Rv, act, k,
         )
 
 
@@ -1305,6 +1314,7 @@ def _backward_cl(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
     A = np.zeros(N * C)
     B = np.zeros(N * C)
     qr = np.empty(2 * N * G)  # each group's (q, r) in float64, for the rare exact path
+    Rv = _cl_vec_rows(C, S, x.itemsize)
     items = N if nch == 0 else N * nch
     if nch > 0:
         for i in range(N * G):
@@ -1319,7 +1329,7 @@ def _backward_cl(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
             _cl_grad_rows(
                 dy, x, dx, part[po:po + C], part[po + C:po + 2 * C],
                 cf[base:base + C], cf[base + C:base + 2 * C], cf[base + 2 * C:base + 3 * C],
-                n * S * C, ch * S // nch, (ch + 1) * S // nch, C, act, k,
+                n * S * C, ch * S // nch, (ch + 1) * S // nch, C, Rv, act, k,
             )
         for n in range(N):
             for ch in range(nch):
@@ -1340,7 +1350,7 @@ def _backward_cl(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
             _cl_grad_rows(
                 dy, x, dx, A[n * C:(n + 1) * C], B[n * C:(n + 1) * C],
                 cf[base:base + C], cf[base + C:base + 2 * C], cf[base + 2 * C:base + 3 * C],
-                n * S * C, s0, s1, C, act, k,
+                n * S * C, s0, s1, C, Rv, act, k,
             )
             for g in range(G):
                 qr[2 * (n * G + g)], qr[2 * (n * G + g) + 1] = _dx_coefs(cf, st, A, B, n, g, C, Cg, S, w)
@@ -1358,7 +1368,7 @@ def _backward_cl(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
             _cl_dx_rows(
                 dy, x, dx, cf[base:base + C], cf[base + C:base + 2 * C], cf[base + 2 * C:base + 3 * C],
                 cf[base + 3 * C:base + 4 * C], cf[base + 4 * C:base + 5 * C], cf[base + 5 * C:base + 6 * C],
-                n * S * C, s0, s1, C, act, k,
+                n * S * C, s0, s1, C, Rv, act, k,
             )
     _reduce_params(A, B, dw, db, N, C)
 

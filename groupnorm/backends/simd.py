@@ -23,6 +23,23 @@ from numba.extending import intrinsic, models, register_model
 VECTOR_BYTES = 64
 
 
+def host_has_avx512() -> bool:
+    """Whether the CPU numba compiles for has AVX-512F (numba's NUMBA_CPU_FEATURES decides when
+    set, as it does for numba's own code generation). numba's cache keys compiled code by the
+    CPU's name and features, so code compiled with this answer is not loaded on a CPU where it
+    would differ."""
+    from numba.core import config
+
+    if config.CPU_FEATURES:
+        return "+avx512f" in config.CPU_FEATURES.split(",")
+    from llvmlite import binding
+
+    return bool(binding.get_host_cpu_features().get("avx512f", False))
+
+
+HOST_AVX512 = host_has_avx512()
+
+
 class Vec(types.Type):
     """A VECTOR_BYTES-byte SIMD vector of a float dtype."""
 
