@@ -198,7 +198,7 @@ def status() -> str | None:
 # ----------------------------------------------------------------------------- the numba entry points
 # The entry points are numba cfuncs around the forward and backward kernels. Compiling them links the
 # kernels' code in (about 7 s per dtype on 2 cores), so they are compiled with cache=True from a module
-# generated into the cache directory, named by a hash of this template, cpu.py and the numba and
+# generated into the cache directory, named by a hash of this template, cpu.py, simd.py and the numba and
 # Python versions: numba's cache does not notice changes in the functions a cached one calls, the
 # file name does. The next process loads them from numba's cache in well under a second.
 _ENTRY_SOURCE = """\
@@ -281,6 +281,7 @@ def entry_module_path(kdt: torch.dtype) -> Path:
     key = hashlib.sha256()
     key.update(_ENTRY_SOURCE.encode())
     key.update(Path(__file__).with_name("cpu.py").read_bytes())
+    key.update(Path(__file__).with_name("simd.py").read_bytes())
     key.update(f"{numba.__version__}|{sys.version}".encode())
     base = Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "groupnorm")
     return base / f"groupnorm_entry_{dtype}_{key.hexdigest()[:16]}.py"
