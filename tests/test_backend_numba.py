@@ -346,6 +346,31 @@ def test_huge_float32_values_normalize(shape, layout, mode):
     assert not torch.isfinite(first).all() and torch.isfinite(y[0, shape[1] // 4:]).all() and torch.isfinite(y[1:]).all()
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_relu_mask_on_the_exact_path(layout, mode):
+    """The float64 exact dx path (groups of std ~1e21, where q leaves float32's range) applies
+    ReLU's mask as the rest do: no gradient where z == 0 exactly. Values -2^70, 0, 2^70 and their
+    negatives in the other half of each map make every group's mean exactly 0, so with zero bias
+    z == 0 at every 0; dx there is g * p + r with g = 0, not dy."""
+    shape, G = (2, 16, 6, 6), 4
+    g = torch.Generator().manual_seed(5)
+    half = torch.randint(-1, 2, (shape[0], shape[1], 18), generator=g).float() * 2.0**70
+    x = torch.cat([half, -half], dim=2).reshape(shape)
+    dy = torch.randn(shape, generator=g)
+    if layout == "channels_last":
+        x, dy = channels_last(x), channels_last(dy)
+    w = torch.rand(shape[1], generator=g) + 0.5
+    b = torch.zeros(shape[1])
+    y, stats = BACKEND.forward(x, w, b, G, 1e-5, "relu")
+    assert (y == 0).any() and (y > 0).any()
+    dx, _, db = BACKEND.backward(dy, x, w, b, stats, G, "relu", [True, False, True])
+    dx_ref, _, db_ref = ref.backward(dy.double().numpy(), x.double().numpy(), w.double().numpy(),
+                                     b.double().numpy(), G, 1e-5, "relu")
+    rel = float(np.abs(dx.double().numpy() - dx_ref).max() / np.abs(dx_ref).max())
+    assert rel < 1e-5, rel
+    assert np.allclose(db.double().numpy(), db_ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("act", ["none", "silu"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("split", ["auto", "fused", "split"])
