@@ -25,7 +25,8 @@ faster at that size). The mean is stored as ``mean_hi`` (rounded to the stats dt
 ``mean_lo``. The elementwise passes compute ``(x - mean_hi) * a + b'`` in the input's dtype.
 
 Channels-last loops: when C is a multiple of a block of 4 SIMD vectors (64 float32 / 32 float64
-channels, rows up to 1 KiB) or a block holds 2 or 4 whole rows (C = 16, 32 float32; 8, 16 float64),
+channels, rows up to 1 KiB; without AVX-512, rows of several blocks only in samples up to 64 KiB:
+``vec_rows_rule``) or a block holds 2 or 4 whole rows (C = 16, 32 float32; 8, 16 float64),
 the statistics, and the normalization and the backward's two passes without activation or with
 ReLU, run block loops (``_cl_*_vec``) written with the explicit vectors of
 ``groupnorm.backends.simd``: each block runs down a 64-row tile with its sums (or its
