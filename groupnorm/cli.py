@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `groupnorm COMMAND --help` for the options of one command.",
     )
+    from groupnorm import __version__
+
+    parser.add_argument("--version", action="version", version=f"groupnorm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         try:

@@ -236,8 +236,9 @@ def _check_param(name: str, p, x: Tensor) -> None:
         raise ValueError(f"{name} is on {p.device} but the input is on {x.device}; move both to one device")
     if p.dtype != x.dtype and not (x.dtype in HALF_DTYPES and p.dtype == torch.float32):
         raise TypeError(
-            f"{name} has dtype {p.dtype} but the input is {x.dtype}; use the same dtype "
-            "(float32 parameters are also accepted with float16/bfloat16 input)"
+            f"{name} has dtype {p.dtype} but the input is {x.dtype}; use the same dtype, e.g. "
+            f"layer.to({x.dtype}) or input.to({p.dtype}) (float32 parameters are also accepted with "
+            "float16/bfloat16 input)"
         )
 
 

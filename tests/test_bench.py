@@ -128,6 +128,14 @@ def test_help_keeps_examples_on_their_own_lines_and_says_no_empty_defaults(comma
     assert "(default: " in text  # defaults that say something are still given
 
 
+def test_version_flag(capsys):
+    import groupnorm
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"groupnorm {groupnorm.__version__}"
+
+
 def test_interleaved_timing_varies_each_variants_predecessor():
     """Each round runs the variants in a new (seeded) order, so no variant always runs right after
     the same neighbour (what one leaves behind, e.g. a thread pool still spinning, must not fall on
@@ -226,7 +234,10 @@ def test_your_own_shapes_are_timed_with_their_groups_and_activation(tmp_path, ca
     assert got == want
     with open(out / "bench.csv") as f:
         assert len(list(csv.DictReader(f))) == len(want)
-    assert "training step" not in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "training step" not in printed
+    # the project's targets are about its own suites: your shapes are not graded against them
+    assert doc["targets"] == [] and "targets (the goals" not in printed
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -309,6 +320,13 @@ def test_shapes_with_suites_and_two_dimensional_shapes(tmp_path):
              for shape, _, _ in bench.SUITES["small"] for layout in ("contiguous", "channels_last")}
     custom = {("custom", "4x8", "contiguous"), ("custom", "2x8x4x4", "contiguous"), ("custom", "2x8x4x4", "channels_last")}
     assert got == small | custom
+    # the per-call target (fwd/bwd calls under 0.05 MiB) is graded on the suite's rows alone, not
+    # on the custom ones, which are tiny too
+    tiny_rows = [r for r in doc["kernels"] if r["mib"] < 0.05 and r["pass"] in ("fwd", "bwd")]
+    assert {r["suite"] for r in tiny_rows} == {"small", "custom"}
+    tiny = [t for t in doc["targets"] if t["target"].startswith("per-call overhead")]
+    assert len(tiny) == 1
+    assert tiny[0]["value"] == pytest.approx(max(r["ours_ms"] for r in tiny_rows if r["suite"] == "small") * 1e3)
 
 
 def test_every_shape_is_checked_not_only_the_first(monkeypatch):

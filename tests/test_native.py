@@ -382,6 +382,7 @@ def test_without_a_compiler_the_python_path_runs_and_status_says_why(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     reason = done.stdout.split("REASON", 1)[1].strip()
     assert "no-such-compiler" in reason, reason
+    assert f"$GROUPNORM_CACHE={tmp_path}" in reason, reason  # where the build folder came from
     assert "native fast lane off" in done.stderr and "compiling the native fast path" in done.stderr
     assert not list(tmp_path.glob("*.so")) and len(list(tmp_path.glob("*.failed"))) == 1
     # the next process reads the note instead of trying (and failing) to build again

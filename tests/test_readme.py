@@ -1,7 +1,8 @@
 """The README's Python examples run as written, and do what their comments say.
 
-Each ```python block of README.md is executed with the few names it takes as given (a batch,
-weights, a BatchNorm model, an optimizer and a loader) defined first, then checked. The timm block
+Each ```python block of README.md is executed, then checked: the quick start as it stands (it must
+run when copied), the fragments after it with the names their first comment says they take (a
+batch, a BatchNorm model, an optimizer and a loader) defined first. The timm block
 needs timm (not a dependency: it would pull torchvision); scripts/check_timm.py covers it where
 timm is installed, and test_integrations.py covers its norm+act call forms with timm-style modules.
 """
@@ -47,11 +48,9 @@ def test_every_python_block_is_checked_here():
 
 
 def test_quick_start_block():
-    weight, bias = torch.randn(256), torch.randn(256)
-    ns = {"weight": weight, "bias": bias,
-          "torchvision_style_resnet": lambda norm_layer: archs.resnet50(norm_layer=norm_layer)}
+    ns = {}  # self-contained: it runs as copied
     exec(_block("groupnorm.group_norm(x, 32, weight"), ns)
-    x, y = ns["x"], ns["y"]
+    x, y, weight, bias = ns["x"], ns["y"], ns["weight"], ns["bias"]
     torch.testing.assert_close(y, F.silu(F.group_norm(x, 32, weight, bias, eps=1e-5)), atol=1e-5, rtol=1e-5)
     assert y.is_contiguous(memory_format=torch.channels_last)  # the output keeps the input's format
     assert ns["norm"].num_groups == 24 and "24" in repr(ns["norm"])  # the divisor policy's G for C = 48

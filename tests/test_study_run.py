@@ -102,6 +102,28 @@ def test_resume_after_kill(tmp_path):
     assert not list(out.glob("runs/*/*/checkpoint.pt"))
 
 
+@pytest.mark.slow
+def test_study_under_torchrun_takes_its_workers_from_the_processes(tmp_path):
+    """`torchrun --nproc_per_node 2 -m groupnorm study ...` without --workers: two real gloo
+    processes, W = 2 (it had to be given, or the study stopped on the default 8), and the
+    results are the one-process study's records."""
+    data = make_idx_folder(tmp_path / "data", n_train=64, n_val=20)
+    out = tmp_path / "out"
+    args = tiny_args(data, out, "--seeds", "1", "--epochs", "1")
+    i = args.index("--workers")
+    del args[i:i + 2]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "groupnorm", "study", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 workers" in proc.stdout
+    recipe = json.loads(next(out.glob("recipe-*.json")).read_text())
+    assert recipe["workers"] == 2
+    records = read_records(out)
+    assert {(r["norm"], r["batch"]) for r in records} == {("bn", 4), ("bn", 2), ("gn", 4), ("gn", 2)}
+    assert (out / "summary.md").exists()
+
+
 def _group_alive(pgid: int) -> list[str]:
     return subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout.split()
 
@@ -110,10 +132,11 @@ def _group_alive(pgid: int) -> list[str]:
 def test_parallel_study_stops_on_ctrl_c_and_dies_with_its_process(tmp_path):
     """Found in review: with --jobs 2, Ctrl-C was taken by each pool worker as a failed run (the study
     went on training every queued run), and kill -9 of the study left its workers training, so a
-    rerun took the lock and trained the same runs beside them."""
+    rerun took the lock and trained the same runs beside them. A plain kill (SIGTERM) ended the
+    study with a leaked-semaphore warning, its lock left behind and no resume hint (a user's audit)."""
     data = make_idx_folder(tmp_path / "data", n_train=400, n_val=20)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
-    for how in ("ctrl-c", "kill -9"):
+    for how in ("ctrl-c", "kill", "kill -9"):
         out = tmp_path / how.replace(" ", "")
         args = tiny_args(data, out, "--epochs", "6", "--seeds", "2").copy()
         args[args.index("--jobs") + 1] = "2"
@@ -133,6 +156,14 @@ def test_parallel_study_stops_on_ctrl_c_and_dies_with_its_process(tmp_path):
                 assert proc.wait(timeout=60) == 130
                 assert time.time() - t0 < 30
                 assert "interrupted; run the same command to resume" in proc.stderr.read()
+            elif how == "kill":  # SIGTERM to the study process alone (kill, timeout, a scheduler)
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+                assert time.time() - t0 < 30
+                err = proc.stderr.read()
+                assert "terminated (SIGTERM); run the same command to resume" in err
+                assert "leaked semaphore" not in err
+                assert not (out / ".lock").exists(), "SIGTERM should release the folder lock"
             else:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(timeout=30)
@@ -413,14 +444,16 @@ def test_quick_leaves_explicit_flags_alone():
     "changes, extra, world, message",
     [
         # the check uses the largest N: 64 images cannot make one step of 2 workers x 64
-        ({"--batch-sizes": "64,2"}, (), 1, "fewer than one global batch (2 x 64)"),
+        ({"--batch-sizes": "64,2"}, (), 1, "fewer than one global batch (2 x 64 = 128)"),
+        # a --train-size below one global batch: the message names the flag and the size that works
+        ({"--batch-sizes": "4"}, ("--train-size", "5"), 1, "(--train-size 5: a class-stratified subset"),
         # 10 classes of 6-7 images at N = 4: 10 one-class batches, too few for 16 workers
         ({"--workers": "16", "--batch-sizes": "4"}, ("--worker-sampling", "class"), 1,
          "do not fill one global step of 16 such batches at N = 4"),
         # under torchrun each worker is a process: 2 processes with --workers 4
         ({"--workers": "4"}, (), 2, "torchrun started 2 processes but --workers is 4"),
     ],
-    ids=["largest-global-batch", "class-sampling", "torchrun-world"],
+    ids=["largest-global-batch", "train-size", "class-sampling", "torchrun-world"],
 )
 def test_a_grid_the_data_or_processes_cannot_feed_is_refused_up_front(changes, extra, world, message, tmp_path,
                                                                        capsys, monkeypatch):
@@ -527,3 +560,27 @@ def test_a_resumed_run_continues_exactly(tmp_path):
     assert [r["epoch"] for r in resumed] == [1, 2]
     for key in ("train_loss", "val_loss", "val_error", "train_error"):
         assert resumed[1][key] == pytest.approx(full[1][key], rel=1e-5, abs=1e-6), key
+
+
+def test_log_lines_show_progress_between_finished_runs(capsys, monkeypatch):
+    """Without a terminal: a line per finished run, and between them a line per epoch at most every
+    HEARTBEAT_S seconds (a log showed nothing for the minutes its first, longest runs took)."""
+    from types import SimpleNamespace
+
+    study = SimpleNamespace(runs=["a", "b"])
+    bars = runner._Bars(study, ["a", "b"], jobs=1, enabled=False, main=True)
+
+    def epoch(run, e, n=3):
+        bars.update({"event": "epoch", "run": run, "epoch": e, "epochs": n, "record": {"val_error": 10.0 + e}})
+
+    epoch("a", 1)
+    epoch("a", 2)  # within HEARTBEAT_S of the start: nothing
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(bars, "last_line", bars.last_line - runner._Bars.HEARTBEAT_S)
+    epoch("a", 2)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "[0/2 runs," in err and "a epoch 2/3: val error 12.0%" in err
+    epoch("b", 1)  # the heartbeat line just printed: the next one waits again
+    epoch("a", 3)  # a finished run always prints
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "[1/2 runs," in err and "a done: val error 13.0% at its last epoch (3)" in err

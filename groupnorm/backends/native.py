@@ -177,6 +177,8 @@ def _load() -> bool:
         except (OSError, RuntimeError) as exc:
             text = str(exc).strip()
             reason = f"{type(exc).__name__}: {text.splitlines()[0] if text else exc!r}"
+            if os.environ.get(ENV_CACHE):
+                reason += f"; the build folder comes from ${ENV_CACHE}={os.environ[ENV_CACHE]}"
             warnings.warn(
                 f"groupnorm: native fast lane off ({reason}); the Python path runs instead (same results, more "
                 "time per call). `python -m groupnorm.backends.native` retries the build and shows the compiler output.",

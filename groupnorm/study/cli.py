@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -98,8 +101,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", type=_int_list, default=d["batch_sizes"], metavar="N,N,...",
                    help="images per worker (the paper's N; LR scales with N/32)")
     p.add_argument("--workers", type=_positive_int, default=d["workers"],
-                   help="workers W (virtual on one process; under torchrun: the number of processes); "
-                        "the global batch is W x N")
+                   help="workers W (virtual on one process; under torchrun: the number of processes, "
+                        "its default there); the global batch is W x N")
     p.add_argument("--epochs", type=_positive_int, default=d["epochs"], help="epochs, the same for every run")
     p.add_argument("--seeds", type=_positive_int, default=d["seeds"], help="seeds per (norm, N), for the error bars")
     p.add_argument("--lr", type=_positive_float, default=d["lr"], help="base learning rate for N = 32 images per worker")
@@ -178,6 +181,9 @@ def main(args: argparse.Namespace) -> int:
     argv = getattr(args, "_argv", sys.argv[1:])
     if args.quick:
         _apply_quick(args, argv)
+    world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+    if world > 1 and "--workers" not in _given(argv):
+        args.workers = world  # under torchrun each worker is a process
     for name in ("norms", "batch_sizes", "worker_sampling"):  # defaults arrive as strings
         value = getattr(args, name)
         if isinstance(value, str):
@@ -218,8 +224,12 @@ def main(args: argparse.Namespace) -> int:
     if recipe.data not in _NAMED_DATA:  # your files: a change in them must not reuse old results
         recipe = dataclasses.replace(recipe, data_fingerprint=_fingerprint(args.data, ds))
     if len(ds.train_y) < args.workers * max(args.batch_sizes):
-        print(f"error: {len(ds.train_y)} training images are fewer than one global batch "
-              f"({args.workers} x {max(args.batch_sizes)})", file=sys.stderr)
+        need = args.workers * max(args.batch_sizes)
+        asked = (f" (--train-size {args.train_size}: a class-stratified subset, rounded per class)"
+                 if args.train_size and args.train_size != len(ds.train_y) else "")
+        print(f"error: {len(ds.train_y)} training images{asked} are fewer than one global batch "
+              f"({args.workers} x {max(args.batch_sizes)} = {need}); use more training images (--train-size "
+              f"of at least {need}), smaller --batch-sizes or fewer --workers", file=sys.stderr)
         return 2
     if "class" in args.worker_sampling:
         counts = ds.train_y.bincount()
@@ -239,6 +249,7 @@ def main(args: argparse.Namespace) -> int:
     jobs = args.jobs or cpu_count()
     command = " ".join(["groupnorm study", *(argv[1:] if argv[:1] == ["study"] else argv)])
     lock = FolderLock(args.out)
+    previous_term = _stop_on_sigterm()
     try:
         if d.is_main:
             try:
@@ -263,11 +274,14 @@ def main(args: argparse.Namespace) -> int:
     except StudyLocked as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; run the same command to resume from {args.out}/", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted"
+        print(f"\n{how}; run the same command to resume from {args.out}/", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)
     finally:
         lock.release()
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
     print()
     print(texts["table"])
     print(texts["verdict"])
@@ -278,6 +292,23 @@ def main(args: argparse.Namespace) -> int:
         print(f"note: {args.out}/ also holds {len(others)} other recipe(s) ({', '.join(others)}); summary.md and "
               f"the figures now show recipe {study.hash}, records.jsonl keeps every recipe's records")
     return 0
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, a batch scheduler's stop) taken like Ctrl-C: the workers are
+    stopped, the lock released, and the resume hint printed."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
+def _stop_on_sigterm():
+    """Route SIGTERM to _Terminated while the study runs; returns the handler to restore (None
+    where signals cannot be set: not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def run(argv: list[str] | None = None) -> int:

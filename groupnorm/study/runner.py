@@ -337,7 +337,11 @@ def _pump(queue, bars) -> None:
 class _Bars:
     """One tqdm bar over the whole study (in epochs, with ETA) and one per running run (in steps).
     Without a terminal (a log file, nohup, CI) or with --no-progress: one line per finished run
-    instead (tqdm's redraws would fill a log with carriage returns)."""
+    instead (tqdm's redraws would fill a log with carriage returns), and between them a line per
+    finished epoch at most every HEARTBEAT_S seconds, so a log shows the study alive long before
+    its first (longest, N = 1) runs end."""
+
+    HEARTBEAT_S = 60.0
 
     def __init__(self, study: Study, todo: list[Run], jobs: int, enabled: bool = True, main: bool = True):
         self.enabled = enabled and sys.stderr.isatty()
@@ -346,6 +350,7 @@ class _Bars:
         self.per_run: dict[str, object] = {}
         self.slots = list(range(1, max(1, jobs) + 1))
         self.runs_total, self.runs_done, self.t0 = len(study.runs), len(study.runs) - len(todo), time.perf_counter()
+        self.last_line = self.t0
         if not self.enabled:
             return
         from tqdm.auto import tqdm
@@ -362,12 +367,19 @@ class _Bars:
 
     def update(self, msg: dict) -> None:
         if not self.enabled:
-            if self.lines and msg["event"] == "epoch" and msg["epoch"] == msg["epochs"]:
+            if self.lines and msg["event"] == "epoch":
                 with self.lock:
-                    self.runs_done += 1
-                    print(f"[{self.runs_done}/{self.runs_total} runs, {(time.perf_counter() - self.t0) / 60:.1f} min] "
-                          f"{msg['run']} done: val error {msg['record']['val_error']:.1f}% at its last epoch ({msg['epoch']})",
+                    now = time.perf_counter()
+                    last = msg["epoch"] == msg["epochs"]
+                    if not last and now - self.last_line < self.HEARTBEAT_S:
+                        return
+                    self.runs_done += last
+                    what = "done" if last else f"epoch {msg['epoch']}/{msg['epochs']}"
+                    tail = f" at its last epoch ({msg['epoch']})" if last else ""
+                    print(f"[{self.runs_done}/{self.runs_total} runs, {(now - self.t0) / 60:.1f} min] "
+                          f"{msg['run']} {what}: val error {msg['record']['val_error']:.1f}%{tail}",
                           file=sys.stderr, flush=True)
+                    self.last_line = now
             return
         with self.lock:
             name = msg["run"]
