@@ -404,6 +404,27 @@ def test_batch1_uses_split_reduction(layout):
         numba.set_num_threads(prev)
 
 
+def test_channels_last_split_gives_every_thread_a_chunk():
+    """A split channels-last reduction has at least one chunk per thread, also when the map has
+    fewer than 64 rows per thread (batch 1, 8x8 or 7x7 map, many channels: one chunk ran the
+    whole call on one thread); otherwise chunks of at least 64 rows, at most 8 items per thread."""
+    assert cpu._plan(1, 1280, 64, 32, True, 2) == (2, 2)
+    assert cpu._plan(1, 2048, 49, 32, True, 2) == (2, 2)
+    assert cpu._plan(3, 1280, 64, 32, True, 2) == (2, 2)  # 6 items: no 2:1 imbalance between the threads
+    assert cpu._plan(1, 128, 640, 8, True, 2) == (2, 10)  # 64-row chunks as before
+    assert cpu._plan(1, 64, 64, 8, True, 2) == (1, 0)  # 4096 values: one thread (_MIN_PARALLEL_ELEMS)
+    import numba
+
+    prev = numba.get_num_threads()
+    try:
+        numba.set_num_threads(2)
+        x, w, b, dy = make((1, 1280, 8, 8), torch.float32, "channels_last")
+        for act in ("none", "silu"):  # 32 rows per chunk: the 64-row blocks end early
+            check_against_reference(x, w, b, dy, 32, act)
+    finally:
+        numba.set_num_threads(prev)
+
+
 def test_thread_count_fast_path_follows_numba():
     """The lock-free thread-count accessors agree with numba's public calls, and a small tensor's
     one-thread run restores the caller's setting."""

@@ -1533,8 +1533,8 @@ def _plan_auto(N, C, S, G, channels_last, T):
     units = N if channels_last else N * G
     if units % T == 0 or units >= 8 * T:
         return T, 0
-    if channels_last:
-        return T, max(1, min(-(-8 * T // N), S // 64))
+    if channels_last:  # chunks of 64+ rows, but at least one per thread (1x1280x8x8 ran on one thread)
+        return T, max(min(T, S), min(-(-8 * T // N), S // 64))
     return T, max(1, min(-(-8 * T // (N * C)), S // 4096))
 
 
