@@ -563,9 +563,10 @@ def _nc_grad_sums(dy, x, gs, w, b, st, A, B, po, n, c0, c1, s0, s1, C, Cg, S, ac
 
 @njit(**_SERIAL)
 def _nc_normalize(x, y, w, bias, st, n, c0, c1, s0, s1, C, Cg, S, act, k):
-    """y = act((x - mh) * a + b) over rows c0..c1 of one group, positions s0..s1. The contiguous
-    kernels make a and b per channel here from the group's statistics (the values _affine_coefs
-    stores): a table of them, written then read back, cost 7x7-map kernels ~20% of their time."""
+    """y = act((x - mh) * a + b) over rows c0..c1 of one group, positions s0..s1, no activation or
+    ReLU (SiLU/GELU: _nc_normalize_act). The contiguous kernels make a and b per channel here from
+    the group's statistics (the values _affine_coefs stores): a table of them, written then read
+    back, cost 7x7-map kernels ~20% of their time."""
     grp = n * (C // Cg) + c0 // Cg
     mh = st[3 * grp]
     ml = np.float64(st[3 * grp + 1])
@@ -577,19 +578,11 @@ def _nc_normalize(x, y, w, bias, st, n, c0, c1, s0, s1, C, Cg, S, act, k):
             for i in range(s0, s1):
                 j = np.uint64(lo + i)
                 y[j] = (x[j] - mh) * a + b
-        elif act == 1:
+        else:
             for i in range(s0, s1):
                 j = np.uint64(lo + i)
                 z = (x[j] - mh) * a + b
                 y[j] = k[0] if z < k[0] else z
-        elif act == 2:
-            for i in range(s0, s1):
-                j = np.uint64(lo + i)
-                y[j] = _silu((x[j] - mh) * a + b, k)
-        else:
-            for i in range(s0, s1):
-                j = np.uint64(lo + i)
-                y[j] = _gelu((x[j] - mh) * a + b, k)
 
 
 _ACT_SPAN_MIN = 128  # rows from this long run SiLU/GELU in _act_span / _act_row (shorter: inline loops)
@@ -604,9 +597,37 @@ def _nc_normalize_act(x, y, w, bias, st, n, c0, c1, s0, s1, C, Cg, S, act, k):
     mh = st[3 * grp]
     ml = np.float64(st[3 * grp + 1])
     rstd = np.float64(st[3 * grp + 2])
+    if s1 - s0 >= _ACT_SPAN_MIN:
+        for c in range(c0, c1):
+            a, b = _channel_affine(x, w, bias, c, ml, rstd)
+            _act_span(x, y, (n * C + c) * S + s0, s1 - s0, mh, a, b, act, k)
+        return
+    # short rows: z row by row into y, then the activation in one loop over the group's span
+    # (one vector loop tail per group, not one per row), as _act_grad_flat in the backward
     for c in range(c0, c1):
         a, b = _channel_affine(x, w, bias, c, ml, rstd)
-        _act_span(x, y, (n * C + c) * S + s0, s1 - s0, mh, a, b, act, k)
+        lo = (n * C + c) * S
+        for i in range(s0, s1):
+            j = np.uint64(lo + i)
+            y[j] = (x[j] - mh) * a + b
+    if s0 == 0 and s1 == S:
+        _act_flat(y, (n * C + c0) * S, (c1 - c0) * S, act, k)
+    else:
+        for c in range(c0, c1):
+            _act_flat(y, (n * C + c) * S + s0, s1 - s0, act, k)
+
+
+@njit(**_SERIAL)
+def _act_flat(y, lo, n, act, k):
+    """y = silu/gelu(y) over n elements from lo."""
+    if act == 2:
+        for i in range(n):
+            j = np.uint64(lo + i)
+            y[j] = _silu(y[j], k)
+    else:
+        for i in range(n):
+            j = np.uint64(lo + i)
+            y[j] = _gelu(y[j], k)
 
 
 @njit(**_SERIAL)
@@ -848,7 +869,7 @@ def _forward_nc(x, y, w, b, st, N, C, S, G, eps, act, nch):
             n = row // C
             c0 = row - n * C
             c1, s0, s1_ = c0 + 1, ch * S // nch, (ch + 1) * S // nch
-        if act >= 2 and s1_ - s0 >= _ACT_SPAN_MIN:
+        if act >= 2:
             _nc_normalize_act(x, y, w, b, st, n, c0, c1, s0, s1_, C, Cg, S, act, k)
         else:
             _nc_normalize(x, y, w, b, st, n, c0, c1, s0, s1_, C, Cg, S, act, k)
