@@ -585,14 +585,17 @@ def _nc_normalize(x, y, w, bias, st, n, c0, c1, s0, s1, C, Cg, S, act, k):
                 y[j] = k[0] if z < k[0] else z
 
 
-_ACT_SPAN_MIN = 128  # rows from this long run SiLU/GELU in _act_span / _act_row (shorter: inline loops)
+# rows from this long run SiLU/GELU a row per call (_act_span, _act_row); shorter ones: contiguous,
+# _act_flat over the group's span; channels-last, the inline loops of _cl_normalize_rows
+_ACT_SPAN_MIN = 128
 
 
 @njit(**_SERIAL)
 def _nc_normalize_act(x, y, w, bias, st, n, c0, c1, s0, s1, C, Cg, S, act, k):
-    """_nc_normalize for SiLU/GELU rows of at least _ACT_SPAN_MIN positions: a call of _act_span
-    per row. A function of its own, chosen by the kernel: a branch to it inside _nc_normalize
-    changed how LLVM compiled the short-row loops there (7x7, 8x8 maps up to 15% slower)."""
+    """_nc_normalize for SiLU/GELU: a call of _act_span per row of _ACT_SPAN_MIN positions or more;
+    shorter rows get z written row by row, then _act_flat over the span. A function of its own,
+    chosen by the kernel: a branch to it inside _nc_normalize changed how LLVM compiled the
+    short-row loops there (7x7, 8x8 maps up to 15% slower)."""
     grp = n * (C // Cg) + c0 // Cg
     mh = st[3 * grp]
     ml = np.float64(st[3 * grp + 1])
