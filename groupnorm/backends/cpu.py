@@ -585,8 +585,8 @@ def _nc_normalize(x, y, w, bias, st, n, c0, c1, s0, s1, C, Cg, S, act, k):
                 y[j] = k[0] if z < k[0] else z
 
 
-# rows from this long run SiLU/GELU a row per call (_act_span, _act_row); shorter ones: contiguous,
-# _act_flat over the group's span; channels-last, the inline loops of _cl_normalize_rows
+# rows from this long run SiLU/GELU a row per call (_act_span, _act_row); shorter ones get z first,
+# then _act_flat over the span (contiguous: the group's rows; channels-last: a tile of _CL_ROWS rows)
 _ACT_SPAN_MIN = 128
 
 
@@ -1242,22 +1242,26 @@ def _cl_normalize_rows(x, y, mh, a, b, xo, slo, shi, C, Rv, act, k):
         for s in range(slo, shi):
             _act_row(x, y, xo + s * C, mh, a, b, C, act, k)
         return
+    if act >= 2:  # short rows: z for a tile of rows, then the activation in one loop over the tile
+        for r0 in range(slo, shi, _CL_ROWS):
+            r1 = min(r0 + _CL_ROWS, shi)
+            for s in range(r0, r1):
+                xr = x[xo + s * C:xo + (s + 1) * C]
+                yr = y[xo + s * C:xo + (s + 1) * C]
+                for c in range(C):
+                    yr[c] = (xr[c] - mh[c]) * a[c] + b[c]
+            _act_flat(y, xo + r0 * C, (r1 - r0) * C, act, k)
+        return
     for s in range(slo, shi):
         xr = x[xo + s * C:xo + (s + 1) * C]
         yr = y[xo + s * C:xo + (s + 1) * C]
         if act == 0:
             for c in range(C):
                 yr[c] = (xr[c] - mh[c]) * a[c] + b[c]
-        elif act == 1:
+        else:
             for c in range(C):
                 z = (xr[c] - mh[c]) * a[c] + b[c]
                 yr[c] = k[0] if z < k[0] else z
-        elif act == 2:
-            for c in range(C):
-                yr[c] = _silu((xr[c] - mh[c]) * a[c] + b[c], k)
-        else:
-            for c in range(C):
-                yr[c] = _gelu((xr[c] - mh[c]) * a[c] + b[c], k)
 
 
 @njit(**_SERIAL)
