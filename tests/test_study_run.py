@@ -105,8 +105,8 @@ def test_resume_after_kill(tmp_path):
 @pytest.mark.slow
 def test_study_under_torchrun_takes_its_workers_from_the_processes(tmp_path):
     """`torchrun --nproc_per_node 2 -m groupnorm study ...` without --workers: two real gloo
-    processes, W = 2 (it had to be given, or the study stopped on the default 8), and the
-    results are the one-process study's records."""
+    processes, W = 2 (it had to be given, or the study stopped on the default 8), and every
+    run's records and the summary are written."""
     data = make_idx_folder(tmp_path / "data", n_train=64, n_val=20)
     out = tmp_path / "out"
     args = tiny_args(data, out, "--seeds", "1", "--epochs", "1")

@@ -536,12 +536,7 @@ def _nc_grad_sums(dy, x, gs, w, b, st, A, B, po, n, c0, c1, s0, s1, C, Cg, S, ac
         # short rows: z row by row into gs, then g = dy * act'(z) in one loop over the whole group
         # (a vector loop with one tail per group, not one per row), then the plain row sums of g
         lo = (n * C + c0) * S
-        for c in range(c0, c1):
-            a, bc = _channel_affine(x, w, b, c, ml, rstd)
-            r0 = (n * C + c) * S
-            for i in range(S):
-                j = np.uint64(r0 + i)
-                gs[j] = _affine(x[j], mh, a, bc)
+        _nc_normalize(x, gs, w, b, st, n, c0, c1, 0, S, C, Cg, S, 0, k)  # z, as _affine makes it
         _act_grad_flat(dy, gs, lo, (c1 - c0) * S, act, k)
         _short_rows_sums_plain(gs, x, A, B, po, lo, c1 - c0, S, mh, k)
         return
@@ -607,12 +602,7 @@ def _nc_normalize_act(x, y, w, bias, st, n, c0, c1, s0, s1, C, Cg, S, act, k):
         return
     # short rows: z row by row into y, then the activation in one loop over the group's span
     # (one vector loop tail per group, not one per row), as _act_grad_flat in the backward
-    for c in range(c0, c1):
-        a, b = _channel_affine(x, w, bias, c, ml, rstd)
-        lo = (n * C + c) * S
-        for i in range(s0, s1):
-            j = np.uint64(lo + i)
-            y[j] = (x[j] - mh) * a + b
+    _nc_normalize(x, y, w, bias, st, n, c0, c1, s0, s1, C, Cg, S, 0, k)
     if s0 == 0 and s1 == S:
         _act_flat(y, (n * C + c0) * S, (c1 - c0) * S, act, k)
     else:
@@ -1245,13 +1235,15 @@ def _cl_normalize_rows(x, y, mh, a, b, xo, slo, shi, C, Rv, act, k):
     if act >= 2:  # short rows: z for a tile of rows, then the activation in one loop over the tile
         for r0 in range(slo, shi, _CL_ROWS):
             r1 = min(r0 + _CL_ROWS, shi)
-            for s in range(r0, r1):
-                xr = x[xo + s * C:xo + (s + 1) * C]
-                yr = y[xo + s * C:xo + (s + 1) * C]
-                for c in range(C):
-                    yr[c] = (xr[c] - mh[c]) * a[c] + b[c]
+            _cl_affine_rows(x, y, mh, a, b, xo, r0, r1, C, 0, k)
             _act_flat(y, xo + r0 * C, (r1 - r0) * C, act, k)
         return
+    _cl_affine_rows(x, y, mh, a, b, xo, slo, shi, C, act, k)
+
+
+@njit(**_SERIAL)
+def _cl_affine_rows(x, y, mh, a, b, xo, slo, shi, C, act, k):
+    """y = (x - mh) * a + b (act 0) or its ReLU over rows slo..shi, row-span loops."""
     for s in range(slo, shi):
         xr = x[xo + s * C:xo + (s + 1) * C]
         yr = y[xo + s * C:xo + (s + 1) * C]
