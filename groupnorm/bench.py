@@ -40,6 +40,7 @@ import math
 import os
 import platform
 import random
+import re
 import statistics
 import sys
 import time
@@ -107,6 +108,9 @@ def parse_shape(text: str) -> tuple:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # argparse reads "-1x8x4x4" as an unknown option ("--shape: expected at least one argument"); let such
+    # tokens reach parse_shape, which says what is wrong with them (no option of this parser looks like that)
+    parser._negative_number_matcher = re.compile(r"^-\d[\dx,.]*$")
     parser.add_argument("--suite", nargs="+", choices=sorted(SUITES) + ["all"], default=None,
                         help="shape suites to run (default: all CPU suites, or gpu with --device cuda; "
                              "none when --shape is given)")

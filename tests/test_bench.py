@@ -264,10 +264,14 @@ def test_shape_arguments_are_checked_before_timing(argv, message, capsys):
     ("8x256xfoo", "is not a shape"),
     ("8", "(N, C, *spatial)"),
     ("8x0x4", "every size >= 1"),
+    ("-1x8x4x4", "'-1x8x4x4': a GroupNorm input is (N, C, *spatial) with every size >= 1"),  # not read as an option
 ])
 def test_a_shape_that_is_not_one_is_an_argument_error(text, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--shape", text])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # the same after a good shape
+        main(["bench", "--shape", "2x8x4x4", text])
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 

@@ -52,18 +52,22 @@ def test_tiny_study_end_to_end(tmp_path, capsys):
     assert not any("bn_noise" in r for r in records if r["norm"] == "gn")
     summary = (out / "summary.md").read_text()
     assert "| bn |" in summary and "| gn |" in summary and "N = 4" in summary and "±" in summary
+    # the recipe line leaves out --image-size, which only image folders use (these are 28 px IDX images)
+    assert "min_group_channels=4" in summary and "image_size" not in summary
     assert (out / "figure.png").stat().st_size > 10_000 and (out / "curves.png").stat().st_size > 10_000
     assert ("Verdict: BN's error grows by" in printed or "Verdict: BN's error falls by" in printed)
     assert "GN's varies by" in printed
     assert not (out / ".lock").exists()
 
     # a second recipe in the same folder never mixes with the first; both worker-sampling regimes
-    assert cli.run(tiny_args(data, out, "--lr", "0.05", "--seeds", "1", "--worker-sampling", "iid,class")) == 0
+    assert cli.run(tiny_args(data, out, "--lr", "0.05", "--seeds", "1", "--worker-sampling", "iid,class",
+                             "--min-group-size", "2")) == 0  # the library's name for --min-group-channels
     records2 = read_records(out)
     assert len({r["config"] for r in records2}) == 2
     assert "also holds 1 other recipe(s)" in capsys.readouterr().out
     assert len(records2) == len(records) + 2 * 2 * 2 * 2
     summary2 = (out / "summary.md").read_text()
+    assert "min_group_channels=2" in summary2
     assert "(1 seeds)" in summary2 and "±" not in summary2.split("Verdict")[0].split("N = images per worker")[1]
     assert "| bn (class-sorted workers) |" in summary2 and "Verdict (class-sorted workers)" in summary2
 
@@ -236,7 +240,8 @@ def test_bad_numbers_and_settings_are_clear_errors_before_any_work(tmp_path, cap
         with pytest.raises(SystemExit) as e:
             cli.run(tiny_args(data, tmp_path / "o", flag, value))
         assert e.value.code == 2
-        assert f"argument {flag}: expected" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"argument {flag}" in err and ": expected" in err  # --min-group-channels/--min-group-size: ...
     with pytest.raises(SystemExit):  # no abbreviations: --quick must see every flag it should not override
         cli.run(["--quick", "--epoch", "1", "--out", str(tmp_path / "o")])
     assert "unrecognized arguments: --epoch" in capsys.readouterr().err

@@ -117,12 +117,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="resnet-small: stride of the stem: 1 or 2 (3x3 conv), 4 (4x4 patchify conv); each "
                         "doubling quarters the cost and shrinks the feature maps (28 px: 28/14/7 px after the stem)")
     p.add_argument("--groups", type=_positive_int, default=32, help="GN groups G (lowered for narrow layers, see next)")
-    p.add_argument("--min-group-channels", type=_positive_int, default=8,
-                   help="GN never puts fewer channels than this in a group (keeps narrow layers from becoming IN)")
+    p.add_argument("--min-group-channels", "--min-group-size", dest="min_group_channels", type=_positive_int, default=8,
+                   help="GN never puts fewer channels than this in a group (keeps narrow layers from becoming IN); "
+                        "the library's GroupNorm calls it min_group_size")
     p.add_argument("--final-epochs", type=_positive_int, default=3, help="reported error = median over this many last epochs")
     p.add_argument("--augment", default="auto", choices=["auto", "none", "crop-flip"],
                    help="batch augmentation; auto = random crop + flip for colour images (CIFAR, folders)")
-    p.add_argument("--image-size", type=_positive_int, default=64, help="image folders are resized to this many pixels")
+    p.add_argument("--image-size", type=_positive_int, default=64, help="image folders are resized to this many pixels (IDX, CIFAR and the embedded "
+                        "datasets keep their own size)")
     p.add_argument("--worker-sampling", type=_sampling_list, default="iid", metavar="iid|class|iid,class",
                    help="iid: each worker's batch is a random sample; class: each worker's batch comes from one "
                         "class (biased BN statistics, as in federated or grouped loaders); both: side by side")
@@ -269,7 +271,10 @@ def main(args: argparse.Namespace) -> int:
         if not d.is_main:
             return 0
         records = study.collect()
-        texts = report.write_report(records, study.hash, recipe.to_dict(), args.out, wall_seconds=wall,
+        shown = recipe.to_dict()
+        if not ds.source.startswith("image folder"):
+            shown.pop("image_size", None)  # only image folders are resized; it would mislead next to 28 px data
+        texts = report.write_report(records, study.hash, shown, args.out, wall_seconds=wall,
                                     data_description=ds.describe(), command=command)
     except StudyLocked as e:
         print(f"error: {e}", file=sys.stderr)
