@@ -67,7 +67,9 @@ kernel-ab: the contiguous numba kernels (fwd or bwd, float32, G = 32 or --groups
 --layout channels_last for the channels-last ones, since session 9) of this checkout
 and of an older one (its cpu.py loaded under another module name), and ATen's (with torch's activation
 op beside it when --act is given), called directly, timed as `groupnorm bench` times (shuffled rounds, 12 of them), every call allocating its outputs as ATen's
-does; prints both ratios and whether old and new agree bitwise.
+does; prints both ratios and whether old and new agree bitwise. --lane calls both through cfuncs over
+carray views, as the eager fast lane's entry points do (the dispatcher's arrays carry numba's memory info,
+and every helper call that keeps a reference to one makes atomic operations on it).
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ import time
 from pathlib import Path
 
 import numba
+from numba.core import types
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -187,9 +190,52 @@ def _load_old_cpu(old_root: str, vector_bytes: int | None = None):
     return load("groupnorm_old_cpu", backends / "cpu.py", text)
 
 
+def _lane_kernel(mod, name: str):
+    """mod's kernel ``name`` behind a numba cfunc that makes its arrays with carray from pointers, as
+    the eager fast lane's entry points do (groupnorm/backends/native.py): arrays without numba's
+    memory info, so the reference counts numba keeps on array arguments cost no atomic operation.
+    Returns a function of the same arguments as the kernel (NumPy arrays, then the integers)."""
+    import ctypes
+
+    from numba import carray, cfunc
+
+    kernel = getattr(mod, name)
+    P, i64, f64 = types.CPointer(types.float32), types.int64, types.float64
+    if name.startswith("_forward"):
+        @cfunc(types.void(P, P, P, P, P, i64, i64, i64, i64, f64, i64, i64), error_model="numpy")
+        def entry(xp, yp, wp, bp, sp, N, C, S, G, eps, act, nch):
+            n = N * C * S
+            kernel(carray(xp, (n,)), carray(yp, (n,)), carray(wp, (C,)), carray(bp, (C,)), carray(sp, (N * G * 3,)),
+                   N, C, S, G, eps, act, nch)
+
+        V, I = ctypes.c_void_p, ctypes.c_int64
+        fn = ctypes.CFUNCTYPE(None, V, V, V, V, V, I, I, I, I, ctypes.c_double, I, I)(entry.address)
+        arrays = 5
+    else:
+        @cfunc(types.void(P, P, P, P, P, P, P, P, i64, i64, i64, i64, i64, i64), error_model="numpy")
+        def entry(dyp, xp, dxp, dwp, dbp, wp, bp, sp, N, C, S, G, act, nch):
+            n = N * C * S
+            kernel(carray(dyp, (n,)), carray(xp, (n,)), carray(dxp, (n,)), carray(dwp, (C,)), carray(dbp, (C,)),
+                   carray(wp, (C,)), carray(bp, (C,)), carray(sp, (N * G * 3,)), N, C, S, G, act, nch)
+
+        V, I = ctypes.c_void_p, ctypes.c_int64
+        fn = ctypes.CFUNCTYPE(None, V, V, V, V, V, V, V, V, I, I, I, I, I, I)(entry.address)
+        arrays = 8
+
+    def call(*args):
+        fn(*(a.ctypes.data for a in args[:arrays]), *args[arrays:])
+
+    call.entry = entry  # keeps the compiled code alive
+    return call
+
+
 def kernel_ab(old_root: str, which: str, shapes: list, threads: int, act: str = "none", layout: str = "contiguous",
-              groups: int = 32, old_vector_bytes: int | None = None) -> None:
+              groups: int = 32, old_vector_bytes: int | None = None, lane: bool = False) -> None:
     old = _load_old_cpu(old_root, old_vector_bytes)
+    fwd_k, bwd_k = ("_forward_cl", "_backward_cl") if layout == "channels_last" else ("_forward_nc", "_backward_nc")
+    kernels = {}
+    for key, mod in (("old", old), ("new", cpu)):
+        kernels[key] = {k: (_lane_kernel(mod, k) if lane else getattr(mod, k)) for k in (fwd_k, bwd_k)}
     numba.set_num_threads(threads)
     torch.set_num_threads(threads)
     cl = layout == "channels_last"
@@ -202,7 +248,6 @@ def kernel_ab(old_root: str, which: str, shapes: list, threads: int, act: str = 
         wt, bt = torch.randn(C), torch.randn(C)
         _, mean, rstd = torch.ops.aten.native_group_norm(xt, wt, bt, N, C, S, G, 1e-5)
         x, dy, w, b = cpu._flat(xt), cpu._flat(dyt), wt.numpy(), bt.numpy()
-        fwd_k, bwd_k = ("_forward_cl", "_backward_cl") if cl else ("_forward_nc", "_backward_nc")
         code = groupnorm.backends.ACT_CODES.get(act, 0)
         st = np.empty(N * G * 3, np.float32)
         nch = cpu._plan(N, C, S, G, cl, threads)[1]
@@ -215,17 +260,17 @@ def kernel_ab(old_root: str, which: str, shapes: list, threads: int, act: str = 
             if which == "bwd":
                 def call():
                     dx, dw, db = np.empty_like(x), np.empty(C, np.float32), np.empty(C, np.float32)
-                    getattr(mod, bwd_k)(dy, x, dx, dw, db, w, b, st, N, C, S, G, code, nch)
+                    kernels[mod][bwd_k](dy, x, dx, dw, db, w, b, st, N, C, S, G, code, nch)
                     out[key] = (dx, dw, db)
                 return call
 
             def call():
                 y, s2 = np.empty_like(x), np.empty_like(st)
-                getattr(mod, fwd_k)(x, y, w, b, s2, N, C, S, G, 1e-5, code, nch)
+                kernels[mod][fwd_k](x, y, w, b, s2, N, C, S, G, 1e-5, code, nch)
                 out[key] = (y, s2)
             return call
 
-        cases = {"old": mk(old, "old"), "new": mk(cpu, "new")}
+        cases = {"old": mk("old", "old"), "new": mk("new", "new")}
         if act != "none":  # ATen has no fused activation: its op and torch's activation op, both ways
             fn = {"relu": torch.relu, "silu": F.silu, "gelu": F.gelu}[act]
             z = torch.ops.aten.native_group_norm(xt, wt, bt, N, C, S, G, 1e-5)[0]
@@ -241,7 +286,7 @@ def kernel_ab(old_root: str, which: str, shapes: list, threads: int, act: str = 
             cases["aten"] = lambda: torch.ops.aten.native_group_norm(xt, wt, bt, N, C, S, G, 1e-5)
         m = {k: v * 1e6 for k, v in time_interleaved(cases, 12).items()}
         same = all(np.array_equal(a, e) for a, e in zip(out["old"], out["new"]))
-        print(f"{which} {act} {layout} G={G} {threads} thread(s) {shape}: " + ", ".join(f"{k} {v:.1f} us" for k, v in m.items())
+        print(f"{which} {act} {layout} G={G} {threads} thread(s){' lane' if lane else ''} {shape}: " + ", ".join(f"{k} {v:.1f} us" for k, v in m.items())
               + f"; new/old {m['old'] / m['new']:.2f}x, aten/new {m['aten'] / m['new']:.2f}x, bitwise equal: {same}")
 
 
@@ -899,6 +944,9 @@ def main() -> None:
     p.add_argument("--groups", type=int, default=32, help="kernel-ab: G")
     p.add_argument("--act", default="none", choices=["none", "relu", "silu", "gelu"],
                    help="kernel-ab: the fused activation (ATen's side: its group norm op and torch's activation op)")
+    p.add_argument("--lane", action="store_true",
+                   help="kernel-ab: call the kernels as the eager fast lane does (a cfunc making the arrays with "
+                        "carray: no reference-count atomics on them) instead of through numba's dispatcher")
     p.add_argument("--old-vector-bytes", type=int, choices=[32, 64],
                    help="kernel-ab: the old side's SIMD vector width (default: what its simd.py picks for this CPU)")
     a = p.parse_intermixed_args()
@@ -910,7 +958,7 @@ def main() -> None:
         if not a.old or not a.args or a.args[0] not in ("fwd", "bwd"):
             p.error("kernel-ab needs --old CHECKOUT, then fwd or bwd, then shapes such as 8x2048x7x7")
         kernel_ab(a.old, a.args[0], [tuple(int(v) for v in s.split("x")) for s in a.args[1:]] or [(8, 2048, 7, 7)], a.threads,
-                  a.act, a.layout, a.groups, a.old_vector_bytes)
+                  a.act, a.layout, a.groups, a.old_vector_bytes, a.lane)
     elif a.what == "bitwise-ab":
         if not a.old:
             p.error("bitwise-ab needs --old CHECKOUT")

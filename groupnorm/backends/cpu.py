@@ -503,22 +503,106 @@ def _row_sums_plain(dy, x, lo, e0, e1, mh, k):
 
 
 @njit(**_REDUCE)
-def _short_rows_sums_plain(dy, x, A, B, po, lo, rows, S, mh, k):
-    """_row_sums_plain over whole rows of at most _SHORT_ROW elements, rows lo/S .. + rows of one
-    group (mh is the group's): one call and one loop nest for the group instead of a call per
-    row, which is most of the cost when rows are short (7x7, 8x8 maps). Same sums, same
-    order as the general path."""
+def _rows_sums_plain(dy, x, A, B, po, lo, rows, S, mh, k):
+    """A[po + c] = sum dy, B[po + c] = sum dy * (x - mh) over each of the rows whole rows of S
+    elements from lo (mh is their group's): per row, blocks of _BLOCK in the input dtype added up
+    in float64 in order (the sums _row_sums_plain's callers make). One call and one loop nest
+    for a group's rows instead of a call per row, which is most of the cost when rows are short
+    (7x7, 8x8 maps)."""
+    if S <= _BLOCK:  # one block per row (the same sums): a loop nest without the block loop's bounds
+        for c in range(rows):
+            r0 = lo + c * S
+            s = k[0]
+            t = k[0]
+            for i in range(S):
+                j = np.uint64(r0 + i)
+                g = dy[j]
+                s += g
+                t += g * (x[j] - mh)
+            A[po + c] = np.float64(s)
+            B[po + c] = np.float64(t)
+        return
     for c in range(rows):
         r0 = lo + c * S
-        s = k[0]
-        t = k[0]
-        for i in range(S):
-            j = np.uint64(r0 + i)
-            g = dy[j]
-            s += g
-            t += g * (x[j] - mh)
-        A[po + c] = np.float64(s)
-        B[po + c] = np.float64(t)
+        s64 = 0.0
+        t64 = 0.0
+        for e0 in range(0, S, _BLOCK):
+            s = k[0]
+            t = k[0]
+            for i in range(e0, min(e0 + _BLOCK, S)):
+                j = np.uint64(r0 + i)
+                g = dy[j]
+                s += g
+                t += g * (x[j] - mh)
+            s64 = _add(s64, np.float64(s))
+            t64 = _add(t64, np.float64(t))
+        A[po + c] = s64
+        B[po + c] = t64
+
+
+@njit(**_REDUCE)
+def _rows_sums_relu(dy, x, w, b, st, A, B, n, g, C, Cg, S, k):
+    """_rows_sums_plain over the rows of group g of sample n with ReLU: g = dy masked where its
+    input z = (x - mh) * a + b is <= 0 (a, b per channel as _channel_affine makes them)."""
+    grp = n * (C // Cg) + g
+    mh = st[3 * grp]
+    ml = np.float64(st[3 * grp + 1])
+    rstd = np.float64(st[3 * grp + 2])
+    for c in range(g * Cg, (g + 1) * Cg):
+        r0 = (n * C + c) * S
+        a, bc = _channel_affine(x, w, b, c, ml, rstd)
+        s64 = 0.0
+        t64 = 0.0
+        for e0 in range(0, S, _BLOCK):
+            s = k[0]
+            t = k[0]
+            for i in range(e0, min(e0 + _BLOCK, S)):
+                j = np.uint64(r0 + i)
+                gv = k[0] if _affine(x[j], mh, a, bc) <= k[0] else dy[j]
+                s += gv
+                t += gv * (x[j] - mh)
+            s64 = _add(s64, np.float64(s))
+            t64 = _add(t64, np.float64(t))
+        A[n * C + c] = s64
+        B[n * C + c] = t64
+
+
+@njit(**_SERIAL)
+def _nc_group_dx(dy, x, dx, w, b, st, A, B, n, g, C, Cg, S, act, k):
+    """For group g of sample n, no activation or ReLU, once its row sums are in A, B: the group's
+    (q, r) (_dx_scalars), then dx. Returns (q, r, done); done is False for the rare groups whose dx
+    needs _nc_dx's exact path (_below_f32), left to the caller.
+    With _rows_sums_plain or _rows_sums_relu before it, a group's whole backward is two calls of
+    functions whose own calls LLVM inlines. The general path (_nc_grad_sums, then _nc_dx) makes more
+    calls per group, and in helpers that branch and call others numba's reference-count pruning left
+    an increment and a decrement of every array argument at each call: function calls, and atomic
+    operations on cache lines both threads write for the arrays numba owns (k, A, B; arrays from
+    carray, as the fast lane makes them, have no count). On 8x8 maps with 4 channels per group that
+    cost more than the group's work (kernel-ab --lane: 32x128x8x8 1.22-1.33x, ReLU 1.53-1.57x)."""
+    grp = n * (C // Cg) + g
+    mh = st[3 * grp]
+    ml = np.float64(st[3 * grp + 1])
+    rstd = np.float64(st[3 * grp + 2])
+    q64, r64 = _dx_scalars(st, A, B, n, g, C, Cg, S, w)
+    if _below_f32(q64):
+        return q64, r64, False
+    q = _like(x, q64)
+    r = _like(x, r64)
+    for c in range(g * Cg, (g + 1) * Cg):
+        p = _like(x, rstd * np.float64(w[c]))
+        lo = (n * C + c) * S
+        if act == 0:
+            for i in range(S):
+                j = np.uint64(lo + i)
+                dx[j] = dy[j] * p + (x[j] - mh) * q + r
+        else:
+            a, bc = _channel_affine(x, w, b, c, ml, rstd)
+            for i in range(S):
+                j = np.uint64(lo + i)
+                d = x[j] - mh
+                gv = k[0] if d * a + bc <= k[0] else dy[j]
+                dx[j] = gv * p + d * q + r
+    return q64, r64, True
 
 
 @njit(**_SERIAL)
@@ -528,7 +612,7 @@ def _nc_grad_sums(dy, x, gs, w, b, st, A, B, po, n, c0, c1, s0, s1, C, Cg, S, ac
     grp = n * (C // Cg) + c0 // Cg
     mh = st[3 * grp]
     if act == 0 and s0 == 0 and s1 == S and S <= _SHORT_ROW:
-        _short_rows_sums_plain(dy, x, A, B, po, (n * C + c0) * S, c1 - c0, S, mh, k)
+        _rows_sums_plain(dy, x, A, B, po, (n * C + c0) * S, c1 - c0, S, mh, k)
         return
     ml = np.float64(st[3 * grp + 1])
     rstd = np.float64(st[3 * grp + 2])
@@ -538,7 +622,7 @@ def _nc_grad_sums(dy, x, gs, w, b, st, A, B, po, n, c0, c1, s0, s1, C, Cg, S, ac
         lo = (n * C + c0) * S
         _nc_normalize(x, gs, w, b, st, n, c0, c1, 0, S, C, Cg, S, 0, k)  # z, as _affine makes it
         _act_grad_flat(dy, gs, lo, (c1 - c0) * S, act, k)
-        _short_rows_sums_plain(gs, x, A, B, po, lo, c1 - c0, S, mh, k)
+        _rows_sums_plain(gs, x, A, B, po, lo, c1 - c0, S, mh, k)
         return
     for c in range(c0, c1):
         a, bc = _channel_affine(x, w, b, c, ml, rstd)
@@ -900,12 +984,20 @@ def _backward_nc(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
             qr[2 * i], qr[2 * i + 1] = _dx_scalars(st, A, B, i // G, i % G, C, Cg, S, w)
     for it0 in prange(items):
         it = np.int64(it0)  # prange indices are unsigned; one signature per helper
+        done = False
         if nch == 0:
             n = it // G
             g = it - n * G
-            _nc_grad_sums(dy, x, dx, w, b, st, A, B, n * C + g * Cg, n, g * Cg, (g + 1) * Cg, 0, S, C, Cg, S, act, k)
-            q, r = _dx_scalars(st, A, B, n, g, C, Cg, S, w)
             c0, c1, s0, s1 = g * Cg, (g + 1) * Cg, 0, S
+            if act == 0:
+                _rows_sums_plain(dy, x, A, B, n * C + c0, (n * C + c0) * S, Cg, S, st[3 * it], k)
+                q, r, done = _nc_group_dx(dy, x, dx, w, b, st, A, B, n, g, C, Cg, S, act, k)
+            elif act == 1:
+                _rows_sums_relu(dy, x, w, b, st, A, B, n, g, C, Cg, S, k)
+                q, r, done = _nc_group_dx(dy, x, dx, w, b, st, A, B, n, g, C, Cg, S, act, k)
+            else:
+                _nc_grad_sums(dy, x, dx, w, b, st, A, B, n * C + g * Cg, n, g * Cg, (g + 1) * Cg, 0, S, C, Cg, S, act, k)
+                q, r = _dx_scalars(st, A, B, n, g, C, Cg, S, w)
         else:
             row = it // nch
             ch = it - row * nch
@@ -914,7 +1006,8 @@ def _backward_nc(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
             c1, s0, s1 = c0 + 1, ch * S // nch, (ch + 1) * S // nch
             grp = n * G + c0 // Cg
             q, r = qr[2 * grp], qr[2 * grp + 1]
-        _nc_dx(dy, x, dx, w, b, st, q, r, n, c0, c1, s0, s1, C, Cg, S, act, k)
+        if not done:
+            _nc_dx(dy, x, dx, w, b, st, q, r, n, c0, c1, s0, s1, C, Cg, S, act, k)
     _reduce_params(A, B, dw, db, N, C)
 
 
