@@ -59,6 +59,7 @@ Session 10 addition:
 Session 12 addition:
 
     python scripts/spot_checks.py compile-times [--old /path/to/older/checkout]   # first-call JIT compile, nothing cached
+    python scripts/spot_checks.py refcounts      # NRT_incref calls numba left per kernel helper (uncached compile, minutes)
 
 huge-values: max relative error against float64 of y and dx (float32 input of std 1e18..1e30, G = 4)
 for the numba and composite backends and torch.nn.functional.group_norm, both layouts.
@@ -738,6 +739,62 @@ def compile_times(old_root: str | None) -> None:
             print(f"{label}:\n{out.stdout.strip() or out.stderr.strip()[-2000:]}")
 
 
+_REFCOUNT_CODE = r"""
+import re, torch
+from numba.core.registry import CPUDispatcher
+from groupnorm.backends import cpu
+for dt in (torch.float32, torch.float64):
+    for shape in [(2, 8, 4, 4), (1, 8, 300), (2, 8, 200), (3, 16, 5, 5), (1, 64, 9, 9), (2, 16, 1000)]:
+        for cl in (False, True):
+            x = torch.randn(shape, dtype=dt)
+            if cl and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            w, b = torch.randn(shape[1], dtype=dt), torch.randn(shape[1], dtype=dt)
+            for act in ("none", "relu", "silu", "gelu"):
+                y, st = cpu.BACKEND.forward(x, w, b, 4, 1e-5, act)
+                cpu.BACKEND.backward(torch.randn_like(y), x, w, b, st, 4, act, (True, True, True))
+counts = {}
+for name in dir(cpu):
+    f = getattr(cpu, name)
+    if not isinstance(f, CPUDispatcher):
+        continue
+    for sig in f.signatures:
+        for d in f.inspect_llvm(sig).split("\ndefine ")[1:]:
+            m = re.search(r'@"?([^"(\s]+)"?\(', d.split("\n", 1)[0])
+            fn = m.group(1) if m else ""
+            if not fn.startswith("_ZN9groupnorm8backends3cpu"):
+                continue  # wrappers, gufuncs, NRT itself
+            short = re.match(r"_ZN9groupnorm8backends3cpu(\d+)", fn)
+            fname = fn[len(short.group(0)):][:int(short.group(1))]
+            n = d.split("\n}\n", 1)[0].count("call void @NRT_incref")
+            counts[fname] = max(counts.get(fname, 0), n)
+for fname, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+    print(f"{fname:28s} {n}")
+"""
+
+
+def refcounts() -> None:
+    """numba's reference counts left in the CPU kernels' helpers: for each numba function of
+    groupnorm/backends/cpu.py, the most NRT_incref calls in its own body over its compiled
+    signatures (one per array argument it holds, where LLVM's pruning pass left them; each a call,
+    and an atomic operation for arrays numba owns). The package is compiled in a fresh process with
+    an empty numba cache (inspection needs code compiled in the process), every kernel with every
+    activation, both layouts and dtypes: a few minutes. Functions with 0 call nothing that keeps a
+    count; the kernels themselves (_forward_*, _backward_*) take theirs once per call, the row and
+    group helpers once per call of theirs (session 15)."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(root / "groupnorm", Path(tmp) / "groupnorm", ignore=shutil.ignore_patterns("__pycache__"))
+        env = dict(os.environ, PYTHONPATH=tmp, GROUPNORM_NATIVE="0", NUMBA_CACHE_DIR=str(Path(tmp) / "numba"))
+        out = subprocess.run([sys.executable, "-c", _REFCOUNT_CODE], capture_output=True, text=True, env=env, cwd=tmp)
+        print(out.stdout.strip() or out.stderr.strip()[-2000:])
+
+
 def _fit_exp(deg: int) -> np.ndarray:
     """Coefficients c0 = 1, c1..c_deg of a polynomial for exp(r) on |r| <= ln2/2 (a hair wider), fitted
     for the least maximum relative error: least squares on Chebyshev nodes, reweighted toward the
@@ -934,7 +991,7 @@ def main() -> None:
                                     "nt-store", "train-profile", "stats-accuracy", "neighbour-bias",
                                     "geomeans", "openmp-runtimes", "engine-cost", "cl-blocks", "startup",
                                     "bitwise-ab", "huge-values", "exp-poly", "cl-rows", "torch-segv", "ddp-exit",
-                                    "cold-bwd", "compile-times"])
+                                    "cold-bwd", "compile-times", "refcounts"])
     p.add_argument("args", nargs="*", help="paths, neighbour-bias: a shape (default 32 1024 14 14, 8 2048 7 7); kernel-ab: fwd|bwd then shapes like 8x2048x7x7; geomeans: bench --out folders")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
@@ -974,6 +1031,8 @@ def main() -> None:
     elif a.what == "cold-bwd":
         cold_bwd(tuple(int(v) for v in a.args[0].split("x")) if a.args else (1, 64, 32, 32, 32),
                  a.groups, a.threads, max(a.rounds, 21))
+    elif a.what == "refcounts":
+        refcounts()
     elif a.what == "exp-poly":
         exp_poly(a.old, a.rounds)
     elif a.what == "activation-error":
