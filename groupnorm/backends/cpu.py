@@ -527,15 +527,9 @@ def _rows_sums_plain(dy, x, A, B, po, lo, rows, S, mh, k):
         s64 = 0.0
         t64 = 0.0
         for e0 in range(0, S, _BLOCK):
-            s = k[0]
-            t = k[0]
-            for i in range(e0, min(e0 + _BLOCK, S)):
-                j = np.uint64(r0 + i)
-                g = dy[j]
-                s += g
-                t += g * (x[j] - mh)
-            s64 = _add(s64, np.float64(s))
-            t64 = _add(t64, np.float64(t))
+            ds, dt = _row_sums_plain(dy, x, r0, e0, min(e0 + _BLOCK, S), mh, k)
+            s64 = _add(s64, ds)
+            t64 = _add(t64, dt)
         A[po + c] = s64
         B[po + c] = t64
 
