@@ -19,7 +19,7 @@ Suites (CPU): resnet (ResNet-50 stage shapes at batch 2, 8, 32, G=32), diffusion
 and VAE shapes in bfloat16 with SiLU, with achieved bandwidth against the measured copy
 bandwidth. The train benchmark times whole SGD steps of a small ResNet with groupnorm's
 GroupNorm, torch.nn.GroupNorm and torch.nn.BatchNorm2d. Your own layers' shapes: --shape
-(with --groups and --activation), in place of the suites.
+(with --groups and --activation), in place of the default suites, or after the --suite ones.
 
 Examples:
   groupnorm bench --quick --out /tmp/gnbench
@@ -107,16 +107,31 @@ def parse_shape(text: str) -> tuple:
     return shape
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+_positive_int.__name__ = "a positive integer"  # argparse names the type in its messages
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # argparse reads "-1x8x4x4" as an unknown option ("--shape: expected at least one argument"); let such
     # tokens reach parse_shape, which says what is wrong with them (no option of this parser looks like that)
     parser._negative_number_matcher = re.compile(r"^-\d[\dx,.]*$")
     parser.add_argument("--suite", nargs="+", choices=sorted(SUITES) + ["all"], default=None,
                         help="shape suites to run (default: all CPU suites, or gpu with --device cuda; "
-                             "none when --shape is given)")
+                             "none when --shape is given; given with --shape, both are timed, the suites first)")
     parser.add_argument("--shape", nargs="+", type=parse_shape, default=None, metavar="NxCx...",
                         help="your own input shapes, e.g. --shape 16x256x64x64 4x64x32x32x32 (timed with "
-                             "--groups and --activation; no training step unless --train yes)")
+                             "--groups and --activation, in place of the default suites or after any --suite given; "
+                             "no training step unless --train yes)")
     parser.add_argument("--groups", type=int, default=32, help="G for the --shape inputs")
     parser.add_argument("--activation", choices=tuple(ACT_MODULES), default="none",
                         help="activation fused after GroupNorm for the --shape inputs (torch.nn.GroupNorm "
@@ -132,7 +147,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="groupnorm backend to time (default: automatic, numba on CPU, triton on CUDA)")
     parser.add_argument("--repeats", type=int, default=11, help="timed rounds per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (JIT compile, allocator)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch and numba (default: all)")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="CPU threads for torch and numba (default: all)")
     parser.add_argument("--train", choices=("yes", "no", "only"), default=None,
                         help="also time whole training steps (forward, backward, SGD) of a small ResNet "
                              "(default: yes, or no with --shape)")
@@ -676,7 +692,7 @@ def _run_cases(args, cases, layouts, device, timer, info, rows: list) -> None:
     if args.train == "only":
         return
     for suite, shape, G, act in cases:
-        dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if suite == "gpu" else torch.float32)
+        dtype = _case_dtype(args.dtype, suite)
         for layout in layouts:
             if layout == "channels_last" and len(shape) < 3:
                 continue
@@ -692,53 +708,67 @@ def _run_cases(args, cases, layouts, device, timer, info, rows: list) -> None:
                 write_outputs(args.out, info, rows, [], summarize(rows, []), plot=False, complete=False)
 
 
+def _error(message: str) -> int:
+    """Say what is wrong (one line, argparse's form) and give the exit status of a usage error."""
+    print(f"groupnorm bench: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _backend_problem(backend: str, device: str, kinds) -> str | None:
+    """What keeps --backend from timing inputs of these (dtype, activation) kinds on device, or None."""
+    from groupnorm import backends
+
+    try:
+        chosen = backends.get(backend)
+    except ValueError as exc:
+        return f"--backend: {exc}"
+    reason = chosen.available()
+    if reason is not None:
+        return f"--backend {backend} is unavailable here: {reason}; leave --backend out to time the automatic choice"
+    for dtype, act in dict.fromkeys(kinds):
+        x = torch.zeros(1, 2, 1, device=device, dtype=dtype)
+        if not chosen.supports(x, act):
+            usable = [n for n in backends.names()
+                      if backends.get(n).available() is None and backends.get(n).supports(x, act)]
+            return (f"--backend {backend} does not support {str(dtype).replace('torch.', '')} input on {device}"
+                    f"{'' if act == 'none' else ' with ' + act}; choose one of {', '.join(usable)} "
+                    "or leave --backend out")
+    return None
+
+
+def _case_dtype(dtype_name: str | None, suite: str) -> torch.dtype:
+    return DTYPES[dtype_name] if dtype_name else (torch.bfloat16 if suite == "gpu" else torch.float32)
+
+
+def _cases_line(cases, layouts) -> str:
+    """What is about to be timed, e.g. 'timing 12 resnet shapes, 1 --shape input; layouts contiguous and channels_last'."""
+    counts = {}
+    for suite, *_ in cases:
+        counts[suite] = counts.get(suite, 0) + 1
+    plural = lambda n: "s" if n > 1 else ""  # noqa: E731
+    parts = [f"{n} --shape input{plural(n)}" if suite == "custom" else f"{n} {suite} shape{plural(n)}"
+             for suite, n in counts.items()]
+    return f"timing {', '.join(parts)}; layout{plural(len(layouts))} {' and '.join(layouts)}"
+
+
 def main(args) -> int:
     device = args.device
     if getattr(args, "steady_malloc", False) and any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):
         _reexec_with_steady_malloc(getattr(args, "_argv", None) or sys.argv[1:])  # does not return
     if device == "cuda" and not torch.cuda.is_available():
-        print("groupnorm bench: --device cuda was given but no CUDA GPU is visible", file=sys.stderr)
-        return 2
+        return _error("--device cuda was given but no CUDA GPU is visible")
     if args.plot and args.out is None:
-        print("groupnorm bench: --plot needs --out DIR to write the PNG into", file=sys.stderr)
-        return 2
+        return _error("--plot needs --out DIR to write the PNG into")
     if args.repeats < 1 or args.warmup < 0:
-        print("groupnorm bench: --repeats must be >= 1 and --warmup >= 0", file=sys.stderr)
-        return 2
+        return _error("--repeats must be >= 1 and --warmup >= 0")
     shape_problem = _shape_arguments_problem(args)
     if shape_problem:
-        print(f"groupnorm bench: {shape_problem}", file=sys.stderr)
-        return 2
+        return _error(shape_problem)
     if args.train is None:
         args.train = "no" if args.shape else "yes"
     if device == "cpu" and not args.quick and args.suite and "gpu" in args.suite:
-        print("groupnorm bench: the gpu suite is for --device cuda (SD/SDXL shapes of up to 256 MiB in bfloat16, "
-              f"sized for a GPU); on the CPU choose from {', '.join(CPU_SUITES)}", file=sys.stderr)
-        return 2
-    if args.backend is not None:
-        from groupnorm import backends
-
-        try:
-            backends.get(args.backend)
-        except ValueError as exc:
-            print(f"groupnorm bench: --backend: {exc}", file=sys.stderr)
-            return 2
-    if args.out is not None:  # before minutes of timing, not after
-        from groupnorm.files import output_dir_problem
-
-        problem = output_dir_problem(args.out)
-        if problem:
-            print(f"groupnorm bench: cannot write results to --out {args.out} ({problem}); "
-                  "give a directory you can write to", file=sys.stderr)
-            return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        try:
-            import numba
-
-            numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-        except ImportError:  # pragma: no cover
-            pass
+        return _error("the gpu suite is for --device cuda (SD/SDXL shapes of up to 256 MiB in bfloat16, "
+                      f"sized for a GPU); on the CPU choose from {', '.join(CPU_SUITES)}")
 
     if args.quick:
         cases = [("quick", *c) for c in QUICK]
@@ -748,6 +778,33 @@ def main(args) -> int:
             names = list(CPU_SUITES) + (["gpu"] if device == "cuda" else [])
         cases = [(name, *c) for name in names for c in SUITES[name]]
         cases += [("custom", shape, args.groups, args.activation) for shape in dict.fromkeys(args.shape or ())]
+    if args.train == "only":  # the training step alone: no kernel cases
+        cases = []
+    if args.backend == "auto":
+        args.backend = None
+    if args.backend is not None:
+        kinds = [(_case_dtype(args.dtype, suite), act) for suite, _, _, act in cases]
+        problem = _backend_problem(args.backend, device, kinds)
+        if problem:
+            return _error(problem)
+    if args.out is not None:  # before minutes of timing, not after; the last check, as it creates the folder
+        from groupnorm.files import make_output_dir, output_dir_problem
+
+        problem = output_dir_problem(args.out)
+        if problem:
+            return _error(f"cannot write results to --out {args.out} ({problem}); give a directory you can write to")
+        problem = make_output_dir(args.out)
+        if problem:
+            return _error(f"cannot create --out {args.out} ({problem}); give a directory you can write to")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        try:
+            import numba
+
+            numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+        except ImportError:  # pragma: no cover
+            pass
+
     layouts = ["contiguous", "channels_last"] if args.layouts == "both" else [args.layouts]
     timer = Timer(device)
     info = machine_info(device)
@@ -757,6 +814,8 @@ def main(args) -> int:
           + (f", native fast lane {info.get('native_fast_lane')}" if device == "cpu" else "")
           + (f", malloc {'steady' if info['malloc'] != 'default' else 'default (see --steady-malloc)'}" if device == "cpu" else "")
           + f"; {args.repeats} interleaved rounds, medians", flush=True)
+    if cases:
+        print(_cases_line(cases, layouts), flush=True)
     busy = busy_warning(torch.get_num_threads()) if device == "cpu" else None
     if busy:
         print(f"groupnorm bench: warning: {busy}", file=sys.stderr, flush=True)

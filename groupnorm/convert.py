@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import numbers
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -404,8 +406,8 @@ class BatchIndependenceReport:
 
     mode: str
     batch_size: int
-    atol: float | None  # None: per dtype, see DEFAULT_TOLERANCES
-    rtol: float | None
+    atol: float | None  # as used; None: per dtype, see DEFAULT_TOLERANCES
+    rtol: float | None  # likewise, each on its own
     rows: list[ModuleCheck] = field(default_factory=list)
     coupled_layers: list[tuple[str, str, bool, str]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -432,8 +434,12 @@ class BatchIndependenceReport:
         raise KeyError(name)
 
     def __str__(self) -> str:
-        atol, rtol = DEFAULT_TOLERANCES[torch.float32] if self.atol is None else (self.atol, self.rtol)
-        per_dtype = " for float32, per dtype" if self.atol is None else ""
+        default = DEFAULT_TOLERANCES[torch.float32]
+        atol = default[0] if self.atol is None else self.atol
+        rtol = default[1] if self.rtol is None else self.rtol
+        missing = [n for n, v in (("atol", self.atol), ("rtol", self.rtol)) if v is None]
+        per_dtype = (" for float32, per dtype" if len(missing) == 2
+                     else f" ({missing[0]} per dtype, shown for float32)" if missing else "")
         head = (f"batch independence ({self.mode} mode, batch of {self.batch_size}, "
                 f"tolerance max|diff| <= {atol:g} + {rtol:g}*max|ref|{per_dtype}): ")
         lines = [head + ("OK: no sample's output depends on the others" if self.ok else "FAILED")]
@@ -499,6 +505,18 @@ DEFAULT_TOLERANCES = {
     torch.bfloat16: (1e-3, 5e-2),
     torch.float16: (1e-4, 1e-2),
 }
+
+
+def _check_tolerance(name: str, value) -> float | None:
+    """A tolerance as a float, None kept (the per-dtype default for that one)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number >= 0 (or None for the per-dtype default), "
+                        f"got {type(value).__name__} {value!r}")
+    if not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0 (or None for the per-dtype default), got {value!r}")
+    return float(value)
 
 
 def _deviation(out: Tensor, ref: Tensor, atol: float | None, rtol: float | None) -> tuple[float, bool]:
@@ -618,7 +636,8 @@ def check_batch_independence(
     tensors whose dim 0 is the batch) across the runs; a deviation counts when
     ``max|out - ref| > atol + rtol * max|ref|`` (kernels sum in a different order for one sample
     than for a batch; by default atol, rtol = 1e-5, 1e-3 for float32 outputs, looser for half
-    precision, see ``DEFAULT_TOLERANCES``). Each module whose outputs moved is then re-run on its
+    precision, see ``DEFAULT_TOLERANCES``; atol and rtol are numbers >= 0, and one left None
+    takes its default while the other is used as given). Each module whose outputs moved is then re-run on its
     own recorded batch inputs, whole and one sample at a time, to tell the layers that couple samples themselves
     (``offender``) from those that merely sit downstream of one. A static scan names the
     batch-coupled layer types (:func:`batch_coupled_layers`).
@@ -642,6 +661,7 @@ def check_batch_independence(
             f"example_batch needs at least 2 samples along dim 0 of every tensor, got shapes "
             f"{[tuple(a.shape) for a in args]}; e.g. torch.randn(4, 3, 64, 64)"
         )
+    atol, rtol = _check_tolerance("atol", atol), _check_tolerance("rtol", rtol)
     report = BatchIndependenceReport("train" if train else "eval", N, atol, rtol,
                                      coupled_layers=batch_coupled_layers(model, train=train))
     if all(torch.equal(a[0], a[i]) for a in args for i in range(1, N)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -26,6 +27,19 @@ def output_dir_problem(path) -> str | None:
     if not parent.is_dir():
         return f"{parent} is a file, not a directory"
     return None if os.access(parent, os.W_OK | os.X_OK) else f"cannot create it: {parent} is not writable"
+
+
+def make_output_dir(path) -> str | None:
+    """Create the output folder ``path`` (a pathlib.Path, parents included) and write and delete a
+    scratch file in it: None when that worked, else why not. Only trying tells: os.access says yes
+    to root everywhere, /proc and read-only mounts included."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -247,9 +247,13 @@ def check_inputs(input, num_groups, weight, bias, eps, activation) -> str:
     if not isinstance(input, Tensor):
         raise TypeError(f"group_norm expects a Tensor input, got {type(input).__name__}")
     if input.dim() < 2:
+        got = "a 0-d tensor (a single number)" if input.dim() == 0 else f"a 1-d tensor of shape {tuple(input.shape)}"
+        fix = ("GroupNorm normalizes groups of channels, so give it a batch of them, "
+               "e.g. shape (8, 32) or (8, 32, 16, 16)" if input.dim() == 0 else
+               f"if it is one sample of {input.shape[0]} channels, input.unsqueeze(0) makes it (1, {input.shape[0]})")
         raise ValueError(
-            f"group_norm expects an input of shape (N, C, *) with at least 2 dimensions, got shape {tuple(input.shape)}; "
-            "add a batch dimension with input.unsqueeze(0)"
+            f"group_norm expects an input of shape (N, C, *) with at least 2 dimensions (a batch dimension N, a "
+            f"channel dimension C, then any spatial ones); got {got}; {fix}"
         )
     if input.dtype not in FLOAT_DTYPES:
         raise TypeError(
@@ -257,6 +261,11 @@ def check_inputs(input, num_groups, weight, bias, eps, activation) -> str:
             "convert it first, e.g. input.float()"
         )
     C = input.shape[1]
+    if C == 0:
+        raise ValueError(
+            f"the input has no channels: shape {tuple(input.shape)} has C = 0 in dim 1, and GroupNorm splits the "
+            "channels of an (N, C, *) input into groups; check how the input was built (an empty slice or view?)"
+        )
     if type(num_groups) is not int and (  # the common case first: the ABC checks cost microseconds
         isinstance(num_groups, bool) or not isinstance(num_groups, (numbers.Integral, torch.SymInt))
     ):

@@ -171,6 +171,72 @@ def test_bad_arguments_fail_at_once_with_the_fix(argv, message, tmp_path, capsys
     assert message in captured.err and "groupnorm bench on" not in captured.out
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("out", ["/proc/x", "/proc"])
+def test_an_out_folder_that_cannot_be_written_is_refused_before_timing(out, capsys):
+    """/proc passes os.access for root: the folder (and a file in it) is created up front to know."""
+    assert main(["bench", "--quick", "--out", out]) == 2
+    captured = capsys.readouterr()
+    assert "groupnorm bench: error: cannot " in captured.err and f"--out {out} (" in captured.err
+    assert "give a directory you can write to" in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert "groupnorm bench on" not in captured.out
+
+
+def test_out_folder_is_created_up_front_with_no_scratch_file_left(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "bench_case", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    out = tmp_path / "new" / "deeper"
+    assert main(["bench", "--shape", "2x8x4x4", "--groups", "2", "--out", str(out)]) == 130
+    assert out.is_dir() and list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "two"])
+def test_threads_must_be_a_positive_integer(value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--quick", "--threads", value])
+    assert exc.value.code == 2
+    assert f"groupnorm bench: error: argument --threads: expected a positive integer, got '{value}'" in capsys.readouterr().err
+
+
+def test_an_unavailable_backend_is_refused_before_timing(monkeypatch, capsys):
+    from groupnorm import backends
+
+    class Missing:
+        def available(self):
+            return "no CUDA device"
+
+    monkeypatch.setitem(backends._loaded, "triton", Missing())
+    assert main(["bench", "--shape", "2x32x8x8", "--groups", "4", "--backend", "triton"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == ("groupnorm bench: error: --backend triton is unavailable here: no CUDA device; "
+                            "leave --backend out to time the automatic choice\n")
+    assert "groupnorm bench on" not in captured.out
+
+
+def test_a_backend_that_cannot_take_the_input_is_named():
+    import torch
+
+    assert bench._backend_problem("composite", "cpu", [(torch.float32, "none"), (torch.int32, "none")]) == (
+        "--backend composite does not support int32 input on cpu; choose one of reference or leave --backend out")
+    assert bench._backend_problem("composite", "cpu", [(torch.float32, "silu")]) is None
+
+
+def test_a_suite_and_shapes_are_both_timed_and_said_so_up_front(monkeypatch, capsys):
+    calls = []
+
+    def first_case_interrupted(shape, *a, **k):
+        calls.append(shape)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "bench_case", first_case_interrupted)
+    assert main(["bench", "--shape", "2x32x8x8", "--groups", "4", "--suite", "resnet"]) == 130
+    assert "timing 12 resnet shapes, 1 --shape input; layouts contiguous and channels_last" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "given with --shape, both are timed, the suites first" in text
+    assert "in place of the default suites or after any --suite given" in text
+
+
 def test_a_busy_machine_is_named_before_multi_thread_timings(monkeypatch):
     monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(bench.os, "getloadavg", lambda: (1.6, 1.0, 1.0))

@@ -374,6 +374,26 @@ def test_batch_independence_bad_inputs():
         check_batch_independence(nn.Linear(3, 3), [1, 2])
 
 
+def test_batch_independence_one_tolerance_takes_the_other_default_and_bad_ones_are_refused():
+    model, x = nn.Sequential(nn.Linear(4, 4), nn.ReLU()), torch.randn(3, 4)
+    report = check_batch_independence(model, x, atol=1e-4)
+    assert (report.atol, report.rtol) == (1e-4, None) and report.ok
+    assert "<= 0.0001 + 0.001*max|ref| (rtol per dtype, shown for float32)" in str(report)
+    report = check_batch_independence(model, x, rtol=1e-2)
+    assert (report.atol, report.rtol) == (None, 1e-2)
+    assert "<= 1e-05 + 0.01*max|ref| (atol per dtype, shown for float32)" in str(report)
+    report = check_batch_independence(model, x, atol=0, rtol=0.5)
+    assert "<= 0 + 0.5*max|ref|):" in str(report)
+    for bad in (-1e-4, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"atol must be a finite number >= 0"):
+            check_batch_independence(model, x, atol=bad)
+    with pytest.raises(ValueError, match=r"rtol must be a finite number >= 0 .*got -1"):
+        check_batch_independence(model, x, rtol=-1)
+    for bad in ("1e-4", True, torch.tensor(1e-4)):
+        with pytest.raises(TypeError, match=r"rtol must be a number >= 0"):
+            check_batch_independence(model, x, rtol=bad)
+
+
 def test_static_scan_modes():
     model = nn.Sequential(nn.BatchNorm2d(4), nn.BatchNorm2d(4, track_running_stats=False), nn.GroupNorm(2, 4))
     assert [(n, a) for n, _, a, _ in batch_coupled_layers(model, train=True)] == [("0", True), ("1", True)]

@@ -19,7 +19,12 @@ def _fast_lane_loaded():
 @pytest.mark.parametrize(
     "call, exc, match",
     [
-        (lambda: group_norm(torch.randn(8), 2), ValueError, r"at least 2 dimensions.*unsqueeze"),
+        (lambda: group_norm(torch.randn(8), 2), ValueError, r"at least 2 dimensions.*unsqueeze\(0\) makes it \(1, 8\)"),
+        # a scalar needs more than a batch dimension: the shape to give, not unsqueeze(0)
+        (lambda: group_norm(torch.tensor(1.0), 1), ValueError,
+         r"shape \(N, C, \*\) with at least 2 dimensions .*got a 0-d tensor .*e\.g\. shape \(8, 32\)[^u]*$"),
+        (lambda: group_norm(torch.randn(2, 0, 3), 1), ValueError, r"^the input has no channels: shape \(2, 0, 3\) has C = 0"),
+        (lambda: group_norm(torch.randn(2, 0), 0), ValueError, r"^the input has no channels"),
         (lambda: group_norm(torch.ones(2, 8, 3, dtype=torch.int64), 2), TypeError, r"torch.int64.*float\(\)"),
         (lambda: group_norm(torch.ones(2, 8, 3, dtype=torch.bool), 2), TypeError, "torch.bool"),
         (lambda: group_norm(torch.ones(2, 8, dtype=torch.complex64), 2), TypeError, "complex64"),

@@ -43,6 +43,17 @@ def test_subset_is_stratified(tmp_path):
     assert torch.bincount(ds.train_y, minlength=10).tolist() == [5] * 10
 
 
+def test_a_subset_larger_than_the_data_takes_it_all_and_says_so(tmp_path, capsys):
+    folder = make_idx_folder(tmp_path / "m", n_train=60, n_val=20)
+    ds = data.load(str(folder), train_size=1000, val_size=10)
+    assert (len(ds.train_y), len(ds.val_y)) == (60, 10)
+    assert capsys.readouterr().err == "note: --train-size 1000 is more than the 60 train images of m; using all 60\n"
+    ds = data.load(str(folder), val_size=21)
+    assert capsys.readouterr().err == "note: --val-size 21 is more than the 20 val images of m; using all 20\n"
+    data.load(str(folder), train_size=60, val_size=1000, quiet=True)  # the study's worker processes
+    assert capsys.readouterr().err == ""
+
+
 def test_idx_errors_name_the_path(tmp_path):
     folder = make_idx_folder(tmp_path / "m")
     bad = folder / "train-images-idx3-ubyte.gz"
@@ -128,7 +139,8 @@ def test_image_folder_train_val(tmp_path):
     ds = data.load(str(tmp_path / "d"), image_size=8)
     assert ds.train_x.shape == (12, 3, 8, 8) and ds.val_x.shape == (6, 3, 8, 8)
     (tmp_path / "d" / "val" / "dog" / "broken.png").write_bytes(b"nope")
-    with pytest.raises(DataError, match="broken.png"):
+    with pytest.raises(DataError, match=r"broken.png: cannot read image \(UnidentifiedImageError.*\); remove the "
+                                        r"file, or replace it with a readable copy, then run again"):
         data.load(str(tmp_path / "d"), image_size=8)
 
 

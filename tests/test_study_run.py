@@ -474,6 +474,25 @@ def test_a_grid_the_data_or_processes_cannot_feed_is_refused_up_front(changes, e
     assert message in capsys.readouterr().err
 
 
+def test_announcements_count_right_note_a_short_data_set_and_say_what_a_resume_found(tmp_path, capsys):
+    """'1 epoch', '1 job' (not the --jobs asked for one run), a note when --train-size exceeds the data (and
+    summary.md shows the size used), and a line on resuming with runs already done."""
+    data = make_idx_folder(tmp_path / "data", n_train=64, n_val=20)
+    out = tmp_path / "out"
+    assert cli.run(one_run_args(data, out, "--jobs", "4", "--train-size", "1000")) == 0
+    captured = capsys.readouterr()
+    assert "1 run (gn x N=2 x 1 seed(s) x iid), 2 workers, 1 epoch, recipe " in captured.out
+    assert ", 1 job, output " in captured.out
+    assert "note: --train-size 1000 is more than the 64 train images of data; using all 64" in captured.err
+    assert "resuming" not in captured.err
+    assert "train_size=1000 (64 used)" in (out / "summary.md").read_text()
+    assert cli.run(one_run_args(data, out, "--jobs", "4", "--train-size", "1000", "--seeds", "2")) == 0
+    captured = capsys.readouterr()
+    assert "2 runs (gn x N=2 x 2 seed(s) x iid)" in captured.out and ", 1 job, output " in captured.out
+    assert f"resuming: 1 of 2 runs already done in {out}/\n" in captured.err
+    assert captured.err.index("resuming") < captured.err.index("done: val error")
+
+
 def test_no_resume_trains_the_finished_runs_again(tmp_path, capsys):
     """--no-resume deletes this recipe's runs and trains them again (not 'already done')."""
     data = make_idx_folder(tmp_path / "data", n_train=64, n_val=20)

@@ -261,10 +261,12 @@ def main(args: argparse.Namespace) -> int:
                       file=sys.stderr)
                 return 2
             lock.acquire()  # before the summary line: a refused study says only why
+            # the jobs that will run: no more than the runs left to train
+            used_jobs = 1 if d.distributed else max(1, min(jobs, len(study.todo(resume=not args.no_resume))))
             print(f"{ds.describe()}\n{_plural(len(runs), 'run')} ({', '.join(args.norms)} x "
                   f"N={','.join(map(str, args.batch_sizes))} x {args.seeds} seed(s) x {','.join(args.worker_sampling)}), "
-                  f"{args.workers} workers, {args.epochs} epochs, recipe {study.hash}, "
-                  f"{jobs if not d.distributed else 1} job(s), output {args.out}/", flush=True)
+                  f"{_plural(args.workers, 'worker')}, {_plural(args.epochs, 'epoch')}, recipe {study.hash}, "
+                  f"{_plural(used_jobs, 'job')}, output {args.out}/", flush=True)
         wall = study.run(jobs=jobs, resume=not args.no_resume, progress=not args.no_progress, threads=args.threads)
         if d.distributed:
             d.leave()
@@ -272,6 +274,9 @@ def main(args: argparse.Namespace) -> int:
             return 0
         records = study.collect()
         shown = recipe.to_dict()
+        for key, used in (("train_size", len(ds.train_y)), ("val_size", len(ds.val_y))):
+            if shown[key] and shown[key] != used:  # more than the data holds, or rounded per class
+                shown[key] = f"{shown[key]} ({used} used)"
         if not ds.source.startswith("image folder"):
             shown.pop("image_size", None)  # only image folders are resized; it would mislead next to 28 px data
         texts = report.write_report(records, study.hash, shown, args.out, wall_seconds=wall,

@@ -227,7 +227,8 @@ def _read_images(folder: Path, classes: list[str], image_size: int) -> tuple[tor
                     im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
                     images.append(np.asarray(im, dtype=np.uint8))
             except Exception as e:  # noqa: BLE001 - report which file is broken
-                raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+                raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e}); remove the file, or replace "
+                                "it with a readable copy, then run again") from None
             labels.append(label)
     if not images:
         raise DataError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class subfolders; {FOLDER_LAYOUT}")
@@ -329,6 +330,10 @@ def load(
         ds = load_mnist5k()
     else:
         ds = load_path(Path(spec).expanduser(), image_size=image_size, val_fraction=val_fraction)
+    for split, size, have in (("train", train_size, len(ds.train_y)), ("val", val_size, len(ds.val_y))):
+        if size and size > have and not quiet:  # subset() takes them all
+            print(f"note: --{split}-size {size} is more than the {have} {split} images of {ds.name}; using all {have}",
+                  file=sys.stderr)
     ds.train_x, ds.train_y = subset(ds.train_x, ds.train_y, train_size, seed=0)
     ds.val_x, ds.val_y = subset(ds.val_x, ds.val_y, val_size, seed=1)
     ds.train_x, ds.val_x = ds.train_x.contiguous(), ds.val_x.contiguous()

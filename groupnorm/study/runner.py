@@ -230,6 +230,10 @@ class Study:
         except OSError:
             return 0
 
+    def todo(self, resume: bool = True) -> list[Run]:
+        """The runs still to train: every run without ``resume``, else those not done."""
+        return [r for r in self.runs if not (resume and self.is_done(r))]
+
     def forget(self) -> None:
         """--no-resume: remove this recipe's runs of the grid (other recipes' stay)."""
         for run in self.runs:
@@ -254,7 +258,7 @@ class Study:
             write_atomic(self.out / f"recipe-{self.hash}.json", json.dumps(self.recipe.to_dict(), indent=1))
             if not resume:
                 self.forget()
-        todo = [r for r in self.runs if not self.is_done(r)]
+        todo = self.todo()
         if d.distributed:  # rank 0's view of the folder decides, for every node
             box = [todo]
             torch.distributed.broadcast_object_list(box, src=0)
@@ -262,6 +266,13 @@ class Study:
         if d.is_main and not todo:
             print(f"all {len(self.runs)} run(s) of recipe {self.hash} are already done in {self.out}/: "
                   "reading their results (--no-resume trains them again)", file=sys.stderr, flush=True)
+        elif d.is_main:
+            done, started = len(self.runs) - len(todo), sum(1 for r in todo if self.epochs_done(r))
+            if done or started:
+                print(f"resuming: {done} of {len(self.runs)} runs already done in {self.out}/"
+                      + (f", {started} more continue from their last finished epoch" if started else ""),
+                      file=sys.stderr, flush=True)
+        jobs = min(jobs, len(todo))  # a job per run at most: the cores are divided among the jobs that run
         t0 = time.perf_counter()
         bars = _Bars(self, todo, jobs, enabled=progress and d.is_main, main=d.is_main)
         try:
