@@ -48,12 +48,12 @@ import numpy as np
 import torch
 from llvmlite import ir as llvm_ir
 from numba import njit, prange
-from numba.core import types
+from numba.core import cgutils, types
 from numba.extending import intrinsic, overload
 from numba.np.ufunc import parallel as _numba_parallel
 
 from groupnorm.backends import ACT_CODES, native
-from groupnorm.backends.simd import HOST_AVX512, VECTOR_BYTES, smuladd, vadd, vload, vmuladd, vselect_le, vselect_lt, vsplat, vstore, vsub
+from groupnorm.backends.simd import HOST_AVX512, VECTOR_BYTES, smuladd, vadd, vload, vmuladd, vselect_le, vselect_lt, vsplat, vstore, vsub, vwidth
 
 # "auto" picks the work decomposition from the shape and the thread count; tests force
 # "fused" (one item per group / sample) or "split" (reduction split into chunks).
@@ -236,6 +236,27 @@ def _add(a, b):
     """a + b evaluated as written inside a reassociating helper (fast-math flags are per instruction
     and survive inlining), for float64 running sums whose order must not change."""
     return a + b
+
+
+def _threading_call(name):
+    """An intrinsic calling the threading layer's ``int name(void)`` by its symbol (registered by
+    numba's _launch_threads(), which runs before a parallel kernel is compiled or loaded from the
+    cache): numba.get_num_threads() and numba.get_thread_id() embed a ctypes address, which numba
+    cannot cache."""
+
+    @intrinsic
+    def call(typingctx):
+        def codegen(context, builder, signature, args):
+            fn = cgutils.get_or_insert_function(builder.module, llvm_ir.FunctionType(llvm_ir.IntType(32), []), name)
+            return builder.sext(builder.call(fn, []), llvm_ir.IntType(64))
+
+        return types.int64(), codegen
+
+    return call
+
+
+_thread_count = _threading_call("get_num_threads")  # the threads a parallel loop started here runs on
+_thread_id = _threading_call("get_thread_id")  # inside a parallel loop: 0 .. _thread_count() - 1
 
 
 @njit(**_SERIAL)
@@ -841,11 +862,12 @@ def _dx_scalars(st, A, B, n, g, C, Cg, S, w):
     m2 = 0.0
     c0 = g * Cg
     j0 = n * C + c0
+    Ag, Bg, wg = A[j0:j0 + Cg], B[j0:j0 + Cg], w[c0:c0 + Cg]  # indices from 0: no wraparound tests
     for c in range(Cg):
-        bj = rstd * (B[j0 + c] - ml * A[j0 + c])
-        B[j0 + c] = bj
-        wc = np.float64(w[c0 + c])
-        m1 += wc * A[j0 + c]
+        bj = rstd * (Bg[c] - ml * Ag[c])
+        Bg[c] = bj
+        wc = np.float64(wg[c])
+        m1 += wc * Ag[c]
         m2 += wc * bj
     M = Cg * S
     m1 /= M
@@ -868,17 +890,30 @@ def _dx_coefs(cf, st, A, B, n, g, C, Cg, S, w):
     return q, r
 
 
+@njit(inline="always", **_SERIAL)
+def _add_parts(A, B, part, n, nch, C):
+    """A/B[n, :] += the (sum g, sum g (x - mh)) rows of sample n's nch chunks in part, in order."""
+    for ch in range(nch):
+        po = (n * nch + ch) * 2 * C
+        for c in range(C):
+            A[n * C + c] += part[po + c]
+            B[n * C + c] += part[po + C + c]
+
+
 @njit(**_SERIAL)
 def _reduce_params(A, B, dw, db, N, C):
-    """dbias[c] = sum_n A[n, c], dweight[c] = sum_n B[n, c], over n in order."""
+    """dbias[c] = sum_n A[n, c], dweight[c] = sum_n B[n, c], over n in order (row by row into
+    float64 sums: unit-stride SIMD loops rather than a walk down each column)."""
+    sa = np.zeros(C)
+    sb = np.zeros(C)
+    for n in range(N):
+        An, Bn = A[n * C:(n + 1) * C], B[n * C:(n + 1) * C]
+        for c in range(C):
+            sa[c] += An[c]
+            sb[c] += Bn[c]
     for c in range(C):
-        sa = 0.0
-        sb = 0.0
-        for n in range(N):
-            sa += A[n * C + c]
-            sb += B[n * C + c]
-        db[c] = sa
-        dw[c] = sb
+        db[c] = sa[c]
+        dw[c] = sb[c]
 
 
 # ----------------------------------------------------------------------------- contiguous (N, C, S)
@@ -1201,27 +1236,112 @@ def _cl_normalize_rows_vec(x, y, mh, a, b, xo, slo, shi, C, R, act, k):
                 y[j] = k[0] if relu and z < k[0] else z
 
 
+# The channels-last backward without activation or with ReLU on shapes _cl_vec_rows takes
+# (_backward_cl_vec). Session 16 found a fixed cost of ~1.2 us per sample on small maps (the same
+# bytes as 128 samples of 4x4 took 3x as long as 2 of 32x32), made of: the per-group coefficient
+# loops (scalar: numba tests every index computed from a signed offset for wraparound, so they did
+# not vectorize; through slices indexed from 0 they do); the vector width read from the array's
+# itemsize at run time (W, 2W, 3W were not constants: a pointer register per offset, reloaded each
+# row; vwidth is a constant); and numba's reference counts, which LLVM's pruning keeps where a
+# function can raise (a range() with a step that is not a constant checks for 0) or calls in a
+# branch. These helpers are loops only (no counts: `spot_checks.py refcounts`), take the kernel's
+# arrays whole with offsets, and write a per-thread coefficient table whose rows hold their C
+# values R times over (CR = R * C), as the block loops read them.
+@njit(inline="always", **_SERIAL)
+def _fold_block_at(tmp, toff, s, so, c0, C, L, R):
+    """_fold_block into s[so:so + C] (through slices: indices from 0, no wraparound tests)."""
+    if R == 1:
+        sv, tv = s[so + c0:so + c0 + L], tmp[toff:toff + L]
+        for j in range(L):
+            sv[j] += np.float64(tv[j])
+    else:
+        sv = s[so:so + C]
+        for rr in range(R):
+            tv = tmp[toff + rr * C:toff + (rr + 1) * C]
+            for c in range(C):
+                sv[c] += np.float64(tv[c])
+
+
+@njit(inline="always", **_SERIAL)
+def _tile_rows(cf, base, rows, C, CR):
+    """Copy the first C values of each of the rows (CR apart, from cf[base]) over the rest of the row."""
+    for rr in range(1, CR // C):
+        for k in range(rows):
+            for c in range(C):
+                cf[base + k * CR + rr * C + c] = cf[base + k * CR + c]
+
+
 @njit(**_SERIAL)
-def _cl_grad_rows_vec(dy, x, sg, sgd, mh, a, b, xo, slo, shi, C, R, act, k):
-    """_cl_grad_rows without activation or with ReLU (g = dy, or 0 where z <= 0): sg[c] += sum g,
-    sgd[c] += sum g * (x - mh[c]), blocks of 4 SIMD vectors as in _cl_stat_rows_vec."""
-    W = VECTOR_BYTES // x.itemsize
+def _cl_sample_affine(cf, base, st, n, G, C, Cg, CR, w, b):
+    """The MH/A/B rows (as _affine_coefs) of every group of sample n at cf[base:], each row CR
+    values apart and tiled CR // C times. The channel loops are SIMD loops (a loop per channel
+    over its tiles ran at ~10 cycles a channel)."""
+    for g in range(G):
+        grp = n * G + g
+        mh = _like(cf, np.float64(st[3 * grp]))
+        ml = np.float64(st[3 * grp + 1])
+        rstd = np.float64(st[3 * grp + 2])
+        c0 = g * Cg
+        wg, bg = w[c0:c0 + Cg], b[c0:c0 + Cg]
+        o = base + c0
+        mr, ar, br = cf[o + _MH * CR:o + _MH * CR + Cg], cf[o + _A * CR:o + _A * CR + Cg], cf[o + _B * CR:o + _B * CR + Cg]
+        for j in range(Cg):  # (as _channel_affine) indices from 0: no wraparound test, a SIMD loop
+            a = rstd * np.float64(wg[j])
+            mr[j] = mh
+            ar[j] = _like(cf, a)
+            br[j] = _like(cf, np.float64(bg[j]) - ml * a)
+    _tile_rows(cf, base + _MH * CR, 3, C, CR)
+
+
+@njit(**_SERIAL)
+def _cl_sample_dx_coefs(cf, base, st, A, B, qr, n, G, C, Cg, CR, S, w):
+    """_dx_coefs for every group of sample n: the P/Q/R rows at cf[base:] (laid out as in
+    _cl_sample_affine); returns whether a group needs the exact dx path (_below_f32)."""
+    exact = False
+    for g in range(G):
+        q, r = _dx_scalars(st, A, B, n, g, C, Cg, S, w)
+        qr[2 * (n * G + g)], qr[2 * (n * G + g) + 1] = q, r
+        if _below_f32(q):
+            exact = True
+        rstd = np.float64(st[3 * (n * G + g) + 2])
+        qc, rc = _like(cf, q), _like(cf, r)
+        c0 = g * Cg
+        wg = w[c0:c0 + Cg]
+        o = base + c0
+        pr, qv, rv = cf[o + _P * CR:o + _P * CR + Cg], cf[o + _Q * CR:o + _Q * CR + Cg], cf[o + _R * CR:o + _R * CR + Cg]
+        for j in range(Cg):
+            pr[j] = _like(cf, rstd * np.float64(wg[j]))
+            qv[j] = qc
+            rv[j] = rc
+    _tile_rows(cf, base + _P * CR, 3, C, CR)
+    return exact
+
+
+@njit(**_SERIAL)
+def _cl_grad_vec(dy, x, A, B, sa, sb, cf, co, CR, tmp, to, xo, slo, shi, C, R, act, k):
+    """Gradient sums without activation or with ReLU (g = dy, or 0 where z <= 0) over rows slo..shi
+    of the sample at x[xo:]: A[sa + c] += sum g, B[sb + c] += sum g * (x - mh[c]), with the
+    coefficients at cf[co:] (rows of CR). Blocks of 4 SIMD vectors (4W channels of a row, or R
+    whole rows) run down each _CL_ROWS-row tile accumulating in x's dtype, through the buffer
+    tmp[to:to + 2L] into float64, as in _cl_stat_rows_vec; the tile's last (r1 - r0) % R rows
+    are added directly in float64."""
+    W = vwidth(x)
     L = 4 * W
     relu = act == 1
     zero = vsplat(x, k[0])
-    mt, at, bt = _block_coefs(mh, R), _block_coefs(a, R), _block_coefs(b, R)
-    tmp = np.empty(2 * L, x.dtype)
+    mo, ao, bo = co + _MH * CR, co + _A * CR, co + _B * CR
     for r0 in range(slo, shi, _CL_ROWS):
         r1 = min(r0 + _CL_ROWS, shi)
         rv = r1 - (r1 - r0) % R
-        for c0 in range(0, C * R, L):
-            m0, m1, m2, m3 = _vload4(mt, c0, W)
-            a0, a1, a2, a3 = _vload4(at, c0, W)
-            b0, b1, b2, b3 = _vload4(bt, c0, W)
+        for cb in range(CR // L):
+            c0 = cb * L
+            m0, m1, m2, m3 = _vload4(cf, mo + c0, W)
+            a0, a1, a2, a3 = _vload4(cf, ao + c0, W)
+            b0, b1, b2, b3 = _vload4(cf, bo + c0, W)
             g0 = vsplat(x, 0.0)
             g1, g2, g3, d0, d1, d2, d3 = g0, g0, g0, g0, g0, g0, g0
-            for s in range(r0, rv, R):
-                o = xo + s * C + c0
+            for i in range((rv - r0) // R):
+                o = xo + (r0 + i * R) * C + c0
                 t, xd = _vg(dy, x, o, m0, a0, b0, relu, zero)
                 g0, d0 = vadd(g0, t), vmuladd(t, xd, d0)
                 t, xd = _vg(dy, x, o + W, m1, a1, b1, relu, zero)
@@ -1230,41 +1350,44 @@ def _cl_grad_rows_vec(dy, x, sg, sgd, mh, a, b, xo, slo, shi, C, R, act, k):
                 g2, d2 = vadd(g2, t), vmuladd(t, xd, d2)
                 t, xd = _vg(dy, x, o + 3 * W, m3, a3, b3, relu, zero)
                 g3, d3 = vadd(g3, t), vmuladd(t, xd, d3)
-            _vstore4(tmp, 0, W, g0, g1, g2, g3)
-            _vstore4(tmp, L, W, d0, d1, d2, d3)
-            _fold_block(tmp, 0, sg, c0, C, L, R)
-            _fold_block(tmp, L, sgd, c0, C, L, R)
+            _vstore4(tmp, to, W, g0, g1, g2, g3)
+            _vstore4(tmp, to + L, W, d0, d1, d2, d3)
+            _fold_block_at(tmp, to, A, sa, c0, C, L, R)
+            _fold_block_at(tmp, to + L, B, sb, c0, C, L, R)
         for s in range(rv, r1):
             for c in range(C):
                 j = xo + s * C + c
-                g = k[0] if relu and _saffine(x[j], mh[c], a[c], b[c]) <= k[0] else dy[j]
-                d = x[j] - mh[c]
-                sg[c] += np.float64(g)
-                sgd[c] += np.float64(g * d)
+                mh = cf[mo + c]
+                g = k[0] if relu and _saffine(x[j], mh, cf[ao + c], cf[bo + c]) <= k[0] else dy[j]
+                d = x[j] - mh
+                A[sa + c] += np.float64(g)
+                B[sb + c] += np.float64(g * d)
 
 
 @njit(**_SERIAL)
-def _cl_dx_rows_vec(dy, x, dx, mh, a, b, p, q, r, xo, slo, shi, C, R, act, k):
-    """dx = g * p + (x - mh) * q + r with g as in _cl_grad_rows_vec, blocks of 4 SIMD vectors
-    with the coefficients in registers, as in _cl_normalize_rows_vec."""
-    W = VECTOR_BYTES // x.itemsize
+def _cl_dx_vec(dy, x, dx, cf, co, CR, xo, slo, shi, C, R, act, k):
+    """dx = g * p + (x - mh) * q + r, g as in _cl_grad_vec, over rows slo..shi: blocks of 4 SIMD
+    vectors with the coefficients (at cf[co:], rows of CR) in registers, as in
+    _cl_normalize_rows_vec."""
+    W = vwidth(x)
     L = 4 * W
     relu = act == 1
     zero = vsplat(x, k[0])
-    mt, at, bt = _block_coefs(mh, R), _block_coefs(a, R), _block_coefs(b, R)
-    pt, qt, rt = _block_coefs(p, R), _block_coefs(q, R), _block_coefs(r, R)
+    mo, ao, bo = co + _MH * CR, co + _A * CR, co + _B * CR
+    po, qo, ro = co + _P * CR, co + _Q * CR, co + _R * CR
     for r0 in range(slo, shi, _CL_ROWS):
         r1 = min(r0 + _CL_ROWS, shi)
         rv = r1 - (r1 - r0) % R
-        for c0 in range(0, C * R, L):
-            m0, m1, m2, m3 = _vload4(mt, c0, W)
-            a0, a1, a2, a3 = _vload4(at, c0, W)
-            b0, b1, b2, b3 = _vload4(bt, c0, W)
-            p0, p1, p2, p3 = _vload4(pt, c0, W)
-            q0, q1, q2, q3 = _vload4(qt, c0, W)
-            t0, t1, t2, t3 = _vload4(rt, c0, W)
-            for s in range(r0, rv, R):
-                o = xo + s * C + c0
+        for cb in range(CR // L):
+            c0 = cb * L
+            m0, m1, m2, m3 = _vload4(cf, mo + c0, W)
+            a0, a1, a2, a3 = _vload4(cf, ao + c0, W)
+            b0, b1, b2, b3 = _vload4(cf, bo + c0, W)
+            p0, p1, p2, p3 = _vload4(cf, po + c0, W)
+            q0, q1, q2, q3 = _vload4(cf, qo + c0, W)
+            t0, t1, t2, t3 = _vload4(cf, ro + c0, W)
+            for i in range((rv - r0) // R):
+                o = xo + (r0 + i * R) * C + c0
                 t, xd = _vg(dy, x, o, m0, a0, b0, relu, zero)
                 vstore(dx, o, _vdx(t, xd, p0, q0, t0))
                 t, xd = _vg(dy, x, o + W, m1, a1, b1, relu, zero)
@@ -1276,8 +1399,9 @@ def _cl_dx_rows_vec(dy, x, dx, mh, a, b, p, q, r, xo, slo, shi, C, R, act, k):
         for s in range(rv, r1):
             for c in range(C):
                 j = xo + s * C + c
-                g = k[0] if relu and _saffine(x[j], mh[c], a[c], b[c]) <= k[0] else dy[j]
-                dx[j] = smuladd(g, p[c], smuladd(x[j] - mh[c], q[c], r[c]))  # as _vdx
+                mh = cf[mo + c]
+                g = k[0] if relu and _saffine(x[j], mh, cf[ao + c], cf[bo + c]) <= k[0] else dy[j]
+                dx[j] = smuladd(g, cf[po + c], smuladd(x[j] - mh, cf[qo + c], cf[ro + c]))  # as _vdx
 
 
 @njit(**_SERIAL)
@@ -1347,11 +1471,8 @@ def _cl_affine_rows(x, y, mh, a, b, xo, slo, shi, C, act, k):
 def _cl_grad_rows(dy, x, dx, sg, sgd, mh, a, b, xo, slo, shi, C, Rv, act, k):
     """sg[c] += sum g, sgd[c] += sum g * (x - mh[c]); g parked in dx for SiLU/GELU.
     Blocks of _CL_ROWS rows are summed in x's dtype, then added in float64; R rows at a time
-    as one span against tiled coefficients, as in _cl_stat_rows (_cl_grad_rows_vec without
-    activation or with ReLU, when Rv > 0: _cl_vec_rows takes the shape)."""
-    if act <= 1 and Rv > 0:
-        _cl_grad_rows_vec(dy, x, sg, sgd, mh, a, b, xo, slo, shi, C, Rv, act, k)
-        return
+    as one span against tiled coefficients, as in _cl_stat_rows. Without activation or with
+    ReLU, shapes that _cl_vec_rows takes run _backward_cl_vec instead."""
     R = _cl_tile_rows(C)
     mt = _tile(mh, R)
     at = _tile(a, R)
@@ -1386,9 +1507,6 @@ def _cl_grad_rows(dy, x, dx, sg, sgd, mh, a, b, xo, slo, shi, C, Rv, act, k):
 
 @njit(**_SERIAL)
 def _cl_dx_rows(dy, x, dx, mh, a, b, p, q, r, xo, slo, shi, C, Rv, act, k):
-    if act <= 1 and Rv > 0:
-        _cl_dx_rows_vec(dy, x, dx, mh, a, b, p, q, r, xo, slo, shi, C, Rv, act, k)
-        return
     for s in range(slo, shi):
         xr = x[xo + s * C:xo + (s + 1) * C]
         dyr = dy[xo + s * C:xo + (s + 1) * C]
@@ -1407,15 +1525,15 @@ def _cl_dx_rows(dy, x, dx, mh, a, b, p, q, r, xo, slo, shi, C, Rv, act, k):
 
 
 @njit(**_SERIAL)
-def _cl_dx_rows_exact(dy, x, dx, cfa, st, w, qr, n, G, Cg, xo, slo, shi, C, act, k):
+def _cl_dx_rows_exact(dy, x, dx, cf, co, CR, st, w, qr, n, G, Cg, xo, slo, shi, C, act, k):
     """_cl_dx_rows through _exact_dx, for a sample with a group whose q is below float32's range;
-    cfa holds the sample's mean, a and b' rows of the coefficient table."""
+    the sample's mean, a and b' rows of the coefficient table start at cf[co], CR apart."""
     for s in range(slo, shi):
         for c in range(C):
             grp = n * G + c // Cg
             j = xo + s * C + c
             p64 = np.float64(st[3 * grp + 2]) * np.float64(w[c])
-            dx[j] = _exact_dx(dy[j], x[j], dx[j], cfa[c], cfa[C + c], cfa[2 * C + c], p64,
+            dx[j] = _exact_dx(dy[j], x[j], dx[j], cf[co + c], cf[co + CR + c], cf[co + 2 * CR + c], p64,
                               qr[2 * grp], qr[2 * grp + 1], act, k)
 
 
@@ -1502,15 +1620,73 @@ def _forward_cl(x, y, w, b, st, N, C, S, G, eps, act, nch):
 
 
 @njit(**_PARALLEL)
+def _backward_cl_vec(dy, x, dx, w, b, st, A, B, qr, N, C, S, G, R, act, nch, k):
+    """_backward_cl's work without activation or with ReLU where _cl_vec_rows gives R > 0: the
+    loop-only per-sample helpers above, one call each per sample (or chunk), a separate parallel
+    loop for each decomposition (a call in a branch keeps the counts). Groups needing the exact
+    dx (rare) are redone afterwards, serially."""
+    Cg = C // G
+    L = 4 * (VECTOR_BYTES // x.itemsize)
+    CR = C * R
+    ex = np.zeros(N, np.bool_)
+    if nch == 0:  # a coefficient table and block buffer per thread, where its sample left them: cache-warm
+        T = _thread_count()
+        cf = np.empty(T * 6 * CR, x.dtype)
+        tmps = np.empty(T * 2 * L, x.dtype)
+        for it0 in prange(N):
+            n = np.int64(it0)  # prange indices are unsigned; one signature per helper
+            t = _thread_id()
+            co = t * 6 * CR
+            _cl_sample_affine(cf, co, st, n, G, C, Cg, CR, w, b)
+            _cl_grad_vec(dy, x, A, B, n * C, n * C, cf, co, CR, tmps, t * 2 * L, n * S * C, np.int64(0), S, C, R, act, k)
+            ex[n] = _cl_sample_dx_coefs(cf, co, st, A, B, qr, n, G, C, Cg, CR, S, w)
+            _cl_dx_vec(dy, x, dx, cf, co, CR, n * S * C, np.int64(0), S, C, R, act, k)
+        cf = np.empty(6 * CR, x.dtype)
+        for n in range(N):  # rare: the exact dx of a sample, over the normal one
+            if ex[n]:
+                _cl_sample_affine(cf, 0, st, n, G, C, Cg, CR, w, b)
+                _cl_dx_rows_exact(dy, x, dx, cf, 0, CR, st, w, qr, n, G, Cg, n * S * C, 0, S, C, act, k)
+        return
+    cf = np.empty(N * 6 * CR, x.dtype)
+    items = N * nch
+    tmps = np.empty(items * 2 * L, x.dtype)
+    for n in range(N):
+        _cl_sample_affine(cf, n * 6 * CR, st, n, G, C, Cg, CR, w, b)
+    part = np.zeros(items * 2 * C)
+    for it0 in prange(items):
+        it = np.int64(it0)
+        n = it // nch
+        ch = it - n * nch
+        po = it * 2 * C
+        _cl_grad_vec(dy, x, part, part, po, po + C, cf, n * 6 * CR, CR, tmps, it * 2 * L, n * S * C,
+                     ch * S // nch, (ch + 1) * S // nch, C, R, act, k)
+    for n in range(N):
+        _add_parts(A, B, part, n, nch, C)
+        ex[n] = _cl_sample_dx_coefs(cf, n * 6 * CR, st, A, B, qr, n, G, C, Cg, CR, S, w)
+    for it0 in prange(items):
+        it = np.int64(it0)
+        n = it // nch
+        ch = it - n * nch
+        _cl_dx_vec(dy, x, dx, cf, n * 6 * CR, CR, n * S * C, ch * S // nch, (ch + 1) * S // nch, C, R, act, k)
+    for n in range(N):
+        if ex[n]:
+            _cl_dx_rows_exact(dy, x, dx, cf, n * 6 * CR, CR, st, w, qr, n, G, Cg, n * S * C, 0, S, C, act, k)
+
+
+@njit(**_PARALLEL)
 def _backward_cl(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
     """dx, and dw/db (C,) from the per-(n, c) sums A = sum g, B = sum g * xhat."""
     k = _consts(x)
     Cg = C // G
-    cf = np.empty(N * 6 * C, x.dtype)
     A = np.zeros(N * C)
     B = np.zeros(N * C)
     qr = np.empty(2 * N * G)  # each group's (q, r) in float64, for the rare exact path
     Rv = _cl_vec_rows(C, S, x.itemsize)
+    if act <= 1 and Rv > 0:
+        _backward_cl_vec(dy, x, dx, w, b, st, A, B, qr, N, C, S, G, Rv, act, nch, k)
+        _reduce_params(A, B, dw, db, N, C)
+        return
+    cf = np.empty(N * 6 * C, x.dtype)
     items = N if nch == 0 else N * nch
     if nch > 0:
         for i in range(N * G):
@@ -1528,11 +1704,7 @@ def _backward_cl(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
                 n * S * C, ch * S // nch, (ch + 1) * S // nch, C, Rv, act, k,
             )
         for n in range(N):
-            for ch in range(nch):
-                po = (n * nch + ch) * 2 * C
-                for c in range(C):
-                    A[n * C + c] += part[po + c]
-                    B[n * C + c] += part[po + C + c]
+            _add_parts(A, B, part, n, nch, C)
             for g in range(G):
                 qr[2 * (n * G + g)], qr[2 * (n * G + g) + 1] = _dx_coefs(cf, st, A, B, n, g, C, Cg, S, w)
     for it0 in prange(items):
@@ -1559,7 +1731,7 @@ def _backward_cl(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
         for g in range(G):
             exact = exact or _below_f32(qr[2 * (n * G + g)])
         if exact:  # rare: the exact path (see _below_f32)
-            _cl_dx_rows_exact(dy, x, dx, cf[base:base + 3 * C], st, w, qr, n, G, Cg, n * S * C, s0, s1, C, act, k)
+            _cl_dx_rows_exact(dy, x, dx, cf, base, C, st, w, qr, n, G, Cg, n * S * C, s0, s1, C, act, k)
         else:
             _cl_dx_rows(
                 dy, x, dx, cf[base:base + C], cf[base + C:base + 2 * C], cf[base + 2 * C:base + 3 * C],

@@ -62,6 +62,19 @@ def _element_pointer(context, builder, arytype, ary, index):
 
 
 @intrinsic
+def vwidth(typingctx, a):
+    """The lanes of a's vector, VECTOR_BYTES // a.itemsize, as a compile-time constant: computed
+    from the array's itemsize field at run time, the block loops' offsets W, 2W, 3W were not
+    constants, and LLVM kept a pointer register per offset (reloaded from the stack each row)."""
+    width = VECTOR_BYTES // (a.dtype.bitwidth // 8)
+
+    def codegen(context, builder, sig, args):
+        return context.get_constant(types.intp, width)
+
+    return types.intp(a), codegen
+
+
+@intrinsic
 def vload(typingctx, a, i):
     """The vector a[i:i + width]."""
     vt = Vec(a.dtype)
