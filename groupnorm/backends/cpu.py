@@ -247,8 +247,11 @@ def _threading_call(name):
     @intrinsic
     def call(typingctx):
         def codegen(context, builder, signature, args):
-            fn = cgutils.get_or_insert_function(builder.module, llvm_ir.FunctionType(llvm_ir.IntType(32), []), name)
-            return builder.sext(builder.call(fn, []), llvm_ir.IntType(64))
+            # declared as numba's parallel lowering declares these (intp), which may share the module;
+            # the C functions return an int, so only the low 32 bits are read
+            i64 = llvm_ir.IntType(64)
+            fn = cgutils.get_or_insert_function(builder.module, llvm_ir.FunctionType(i64, []), name)
+            return builder.sext(builder.trunc(builder.call(fn, []), llvm_ir.IntType(32)), i64)
 
         return types.int64(), codegen
 
@@ -405,7 +408,7 @@ def _nc_group_sums(xs, shift, k):
     return s1, s2, np.float64(shift)
 
 
-@njit(**_SERIAL)
+@njit(inline="always", **_SERIAL)
 def _cl_group_f64_sums(x, xo, c0, Cg, C, S, shift):
     """Float64 sums of d = x - shift (float64) over channels c0..c0+Cg of the channels-last sample at
     x[xo:]: the exact re-summation of a group whose float32 sums were taken far from its mean."""
@@ -1106,19 +1109,6 @@ def _block_coefs(v, R):
     return _tile(v, R) if R > 1 else v
 
 
-@njit(**_SERIAL)
-def _fold_block(tmp, toff, s, c0, C, L, R):
-    """A block's L float32 sums tmp[toff:toff + L] added in float64 to its channels' sums s:
-    channels c0.. (R == 1), or R rows of all C channels (R > 1, c0 == 0)."""
-    if R == 1:
-        for j in range(L):
-            s[c0 + j] += np.float64(tmp[toff + j])
-    else:
-        for rr in range(R):
-            for c in range(C):
-                s[c] += np.float64(tmp[toff + rr * C + c])
-
-
 @njit(inline="always", **_SERIAL)
 def _vload4(a, i, W):
     """The block's 4 vectors a[i:i + W], ..., a[i + 3W:i + 4W]."""
@@ -1131,44 +1121,6 @@ def _vstore4(a, i, W, v0, v1, v2, v3):
     vstore(a, i + W, v1)
     vstore(a, i + 2 * W, v2)
     vstore(a, i + 3 * W, v3)
-
-
-@njit(**_SERIAL)
-def _cl_stat_rows_vec(x, s1, s2, shift, xo, slo, shi, C, R):
-    """_cl_stat_rows with the block sums in SIMD registers: within each _CL_ROWS-row tile, each
-    block of 4 vectors (4W channels of a row, or R whole rows) runs down the tile accumulating
-    d and d*d, then is folded into s1/s2 in float64. Rows a block of R rows cannot take (the
-    tile's last S % R) are added directly in float64."""
-    W = VECTOR_BYTES // x.itemsize
-    L = 4 * W
-    sh = _block_coefs(shift, R)
-    tmp = np.empty(2 * L, x.dtype)
-    for r0 in range(slo, shi, _CL_ROWS):
-        r1 = min(r0 + _CL_ROWS, shi)
-        rv = r1 - (r1 - r0) % R
-        for c0 in range(0, C * R, L):
-            h0, h1, h2, h3 = _vload4(sh, c0, W)
-            a0 = vsplat(x, 0.0)
-            a1, a2, a3, q0, q1, q2, q3 = a0, a0, a0, a0, a0, a0, a0
-            for s in range(r0, rv, R):
-                o = xo + s * C + c0
-                d = vsub(vload(x, o), h0)
-                a0, q0 = vadd(a0, d), vmuladd(d, d, q0)
-                d = vsub(vload(x, o + W), h1)
-                a1, q1 = vadd(a1, d), vmuladd(d, d, q1)
-                d = vsub(vload(x, o + 2 * W), h2)
-                a2, q2 = vadd(a2, d), vmuladd(d, d, q2)
-                d = vsub(vload(x, o + 3 * W), h3)
-                a3, q3 = vadd(a3, d), vmuladd(d, d, q3)
-            _vstore4(tmp, 0, W, a0, a1, a2, a3)
-            _vstore4(tmp, L, W, q0, q1, q2, q3)
-            _fold_block(tmp, 0, s1, c0, C, L, R)
-            _fold_block(tmp, L, s2, c0, C, L, R)
-        for s in range(rv, r1):
-            for c in range(C):
-                d = x[xo + s * C + c] - shift[c]
-                s1[c] += np.float64(d)
-                s2[c] += np.float64(d * d)
 
 
 @njit(inline="always", **_SERIAL)
@@ -1207,37 +1159,8 @@ def _vdx(t, xd, p, q, r):
     return vmuladd(t, p, vmuladd(xd, q, r))
 
 
-@njit(**_SERIAL)
-def _cl_normalize_rows_vec(x, y, mh, a, b, xo, slo, shi, C, R, act, k):
-    """y = (x - mh) * a + b, ReLU'd when act == 1, blocks of 4 SIMD vectors with the coefficients
-    in registers; tiles of _CL_ROWS rows as in _cl_stat_rows_vec."""
-    W = VECTOR_BYTES // x.itemsize
-    L = 4 * W
-    relu = act == 1
-    zero = vsplat(x, k[0])
-    mt, at, bt = _block_coefs(mh, R), _block_coefs(a, R), _block_coefs(b, R)
-    for r0 in range(slo, shi, _CL_ROWS):
-        r1 = min(r0 + _CL_ROWS, shi)
-        rv = r1 - (r1 - r0) % R
-        for c0 in range(0, C * R, L):
-            m0, m1, m2, m3 = _vload4(mt, c0, W)
-            a0, a1, a2, a3 = _vload4(at, c0, W)
-            b0, b1, b2, b3 = _vload4(bt, c0, W)
-            for s in range(r0, rv, R):
-                o = xo + s * C + c0
-                vstore(y, o, _vz(x, o, m0, a0, b0, relu, zero))
-                vstore(y, o + W, _vz(x, o + W, m1, a1, b1, relu, zero))
-                vstore(y, o + 2 * W, _vz(x, o + 2 * W, m2, a2, b2, relu, zero))
-                vstore(y, o + 3 * W, _vz(x, o + 3 * W, m3, a3, b3, relu, zero))
-        for s in range(rv, r1):
-            for c in range(C):
-                j = xo + s * C + c
-                z = _saffine(x[j], mh[c], a[c], b[c])
-                y[j] = k[0] if relu and z < k[0] else z
-
-
-# The channels-last backward without activation or with ReLU on shapes _cl_vec_rows takes
-# (_backward_cl_vec). Session 16 found a fixed cost of ~1.2 us per sample on small maps (the same
+# The channels-last forward and backward without activation or with ReLU on shapes _cl_vec_rows
+# takes (_forward_cl_vec, _backward_cl_vec). Session 16 found a fixed cost of ~1.2 us per sample on small maps (the same
 # bytes as 128 samples of 4x4 took 3x as long as 2 of 32x32), made of: the per-group coefficient
 # loops (scalar: numba tests every index computed from a signed offset for wraparound, so they did
 # not vectorize; through slices indexed from 0 they do); the vector width read from the array's
@@ -1249,7 +1172,9 @@ def _cl_normalize_rows_vec(x, y, mh, a, b, xo, slo, shi, C, R, act, k):
 # values R times over (CR = R * C), as the block loops read them.
 @njit(inline="always", **_SERIAL)
 def _fold_block_at(tmp, toff, s, so, c0, C, L, R):
-    """_fold_block into s[so:so + C] (through slices: indices from 0, no wraparound tests)."""
+    """A block's L float32 sums tmp[toff:toff + L] added in float64 to its channels' sums in
+    s[so:so + C]: channels c0.. (R == 1), or R rows of all C channels (R > 1, c0 == 0); through
+    slices (indices from 0: no wraparound tests)."""
     if R == 1:
         sv, tv = s[so + c0:so + c0 + L], tmp[toff:toff + L]
         for j in range(L):
@@ -1274,8 +1199,7 @@ def _tile_rows(cf, base, rows, C, CR):
 @njit(**_SERIAL)
 def _cl_sample_affine(cf, base, st, n, G, C, Cg, CR, w, b):
     """The MH/A/B rows (as _affine_coefs) of every group of sample n at cf[base:], each row CR
-    values apart and tiled CR // C times. The channel loops are SIMD loops (a loop per channel
-    over its tiles ran at ~10 cycles a channel)."""
+    values apart and tiled CR // C times (channel loops through slices: SIMD loops, see above)."""
     for g in range(G):
         grp = n * G + g
         mh = _like(cf, np.float64(st[3 * grp]))
@@ -1323,7 +1247,7 @@ def _cl_grad_vec(dy, x, A, B, sa, sb, cf, co, CR, tmp, to, xo, slo, shi, C, R, a
     of the sample at x[xo:]: A[sa + c] += sum g, B[sb + c] += sum g * (x - mh[c]), with the
     coefficients at cf[co:] (rows of CR). Blocks of 4 SIMD vectors (4W channels of a row, or R
     whole rows) run down each _CL_ROWS-row tile accumulating in x's dtype, through the buffer
-    tmp[to:to + 2L] into float64, as in _cl_stat_rows_vec; the tile's last (r1 - r0) % R rows
+    tmp[to:to + 2L] into float64, as in _cl_stat_vec; the tile's last (r1 - r0) % R rows
     are added directly in float64."""
     W = vwidth(x)
     L = 4 * W
@@ -1368,7 +1292,7 @@ def _cl_grad_vec(dy, x, A, B, sa, sb, cf, co, CR, tmp, to, xo, slo, shi, C, R, a
 def _cl_dx_vec(dy, x, dx, cf, co, CR, xo, slo, shi, C, R, act, k):
     """dx = g * p + (x - mh) * q + r, g as in _cl_grad_vec, over rows slo..shi: blocks of 4 SIMD
     vectors with the coefficients (at cf[co:], rows of CR) in registers, as in
-    _cl_normalize_rows_vec."""
+    _cl_normalize_vec."""
     W = vwidth(x)
     L = 4 * W
     relu = act == 1
@@ -1411,9 +1335,10 @@ def _cl_stat_rows(x, s1, s2, shift, xo, slo, shi, C, Rv):
     (full SIMD width), then added in float64. R rows are taken at a time as one span of R*C
     values against R copies of the shifts: one long vector loop instead of a short one per row
     (whose set-up cost as much as its work for C <= 256 on AVX-512), R partial sums per channel.
-    Rv > 0 (_cl_vec_rows, for the whole tensor's shape): _cl_stat_rows_vec runs instead."""
+    Rv > 0 (_cl_vec_rows, for the whole tensor's shape): _cl_stat_vec runs instead."""
     if Rv > 0:
-        _cl_stat_rows_vec(x, s1, s2, shift, xo, slo, shi, C, Rv)
+        L = 4 * vwidth(x)
+        _cl_stat_vec(x, s1, s2, 0, 0, _block_coefs(shift, Rv), 0, np.empty(2 * L, x.dtype), 0, xo, slo, shi, C, Rv)
         return
     R = _cl_tile_rows(C)
     sht = _tile(shift, R)
@@ -1436,9 +1361,6 @@ def _cl_stat_rows(x, s1, s2, shift, xo, slo, shi, C, Rv):
 
 @njit(**_SERIAL)
 def _cl_normalize_rows(x, y, mh, a, b, xo, slo, shi, C, Rv, act, k):
-    if act <= 1 and Rv > 0:
-        _cl_normalize_rows_vec(x, y, mh, a, b, xo, slo, shi, C, Rv, act, k)
-        return
     if act >= 2 and C >= _ACT_SPAN_MIN:
         for s in range(slo, shi):
             _act_row(x, y, xo + s * C, mh, a, b, C, act, k)
@@ -1552,11 +1474,14 @@ def _cl_shifts(x, xo, C, Cg, off):
 def _forward_cl(x, y, w, b, st, N, C, S, G, eps, act, nch):
     """nch == 0: one item per sample; nch >= 1: items (n, chunk of S), split reduction."""
     k = _consts(x)
+    Rv = _cl_vec_rows(C, S, x.itemsize)
+    if act <= 1 and Rv > 0:
+        _forward_cl_vec(x, y, w, b, st, N, C, S, G, eps, Rv, act, nch, k)
+        return
     Cg = C // G
     M = Cg * S
     off = _shift_offsets(Cg, S, 1, C)
     cf = np.empty(N * 6 * C, x.dtype)
-    Rv = _cl_vec_rows(C, S, x.itemsize)
     items = N if nch == 0 else N * nch
     if nch > 0:  # few samples (batch 1): made once here, each channel's shift is the same in every chunk
         shifts = np.empty(N * C, x.dtype)
@@ -1617,6 +1542,170 @@ def _forward_cl(x, y, w, b, st, N, C, S, G, eps, act, nch):
             x, y, cf[base:base + C], cf[base + C:base + 2 * C], cf[base + 2 * C:base + 3 * C],
             n * S * C, s0, s1_, C, Rv, act, k,
         )
+
+
+@njit(**_SERIAL)
+def _cl_sample_shifts(x, xo, sh, so, C, Cg, CR, off):
+    """Each channel's shift (its group's _group_shift, as _cl_shifts) at sh[so:so + C], tiled
+    CR // C times."""
+    for g in range(C // Cg):
+        v = _group_shift(x, xo + g * Cg, off)
+        sv = sh[so + g * Cg:so + (g + 1) * Cg]
+        for j in range(Cg):
+            sv[j] = v
+    _tile_rows(sh, so, 1, C, CR)
+
+
+@njit(**_SERIAL)
+def _cl_stat_vec(x, s1, s2, a1, a2, sh, so, tmp, to, xo, slo, shi, C, R):
+    """s1[a1 + c] += sum d, s2[a2 + c] += sum d*d over rows slo..shi of the sample at x[xo:], with
+    d = x - shift[c] and the shifts at sh[so:] (tiled as in _cl_sample_shifts), the block sums in
+    SIMD registers: within each _CL_ROWS-row tile, each block of 4 vectors (4W channels of a row,
+    or R whole rows) runs down the tile accumulating d and d*d, then goes through the buffer
+    tmp[to:to + 2L] into s1/s2 in float64. Rows a block of R rows cannot take (the tile's last
+    (r1 - r0) % R) are added directly in float64. Loop-only (see _backward_cl_vec's helpers)."""
+    W = vwidth(x)
+    L = 4 * W
+    CR = C * R
+    for r0 in range(slo, shi, _CL_ROWS):
+        r1 = min(r0 + _CL_ROWS, shi)
+        rv = r1 - (r1 - r0) % R
+        for cb in range(CR // L):
+            c0 = cb * L
+            h0, h1, h2, h3 = _vload4(sh, so + c0, W)
+            a0 = vsplat(x, 0.0)
+            q0, b1, q1, b2, q2, b3, q3 = a0, a0, a0, a0, a0, a0, a0
+            for i in range((rv - r0) // R):
+                o = xo + (r0 + i * R) * C + c0
+                d = vsub(vload(x, o), h0)
+                a0, q0 = vadd(a0, d), vmuladd(d, d, q0)
+                d = vsub(vload(x, o + W), h1)
+                b1, q1 = vadd(b1, d), vmuladd(d, d, q1)
+                d = vsub(vload(x, o + 2 * W), h2)
+                b2, q2 = vadd(b2, d), vmuladd(d, d, q2)
+                d = vsub(vload(x, o + 3 * W), h3)
+                b3, q3 = vadd(b3, d), vmuladd(d, d, q3)
+            _vstore4(tmp, to, W, a0, b1, b2, b3)
+            _vstore4(tmp, to + L, W, q0, q1, q2, q3)
+            _fold_block_at(tmp, to, s1, a1, c0, C, L, R)
+            _fold_block_at(tmp, to + L, s2, a2, c0, C, L, R)
+        for s in range(rv, r1):
+            for c in range(C):
+                d = x[xo + s * C + c] - sh[so + c]
+                s1[a1 + c] += np.float64(d)
+                s2[a2 + c] += np.float64(d * d)
+
+
+@njit(**_SERIAL)
+def _cl_sample_stats(x, st, acc, ao, sh, so, n, G, C, Cg, S, eps):
+    """Sample n's group statistics from its channel sums acc[ao:ao + C] (of d) and
+    acc[ao + C:ao + 2C] (of d*d) around the shifts at sh[so:] (see _forward_cl)."""
+    M = Cg * S
+    for g in range(G):
+        t1 = 0.0
+        t2 = 0.0
+        for c in range(g * Cg, (g + 1) * Cg):
+            t1 += acc[ao + c]
+            t2 += acc[ao + C + c]
+        shift64 = np.float64(sh[so + g * Cg])
+        if _far_from_mean(t1, t2, M):  # rare: this group summed again in float64
+            shift64 = np.float64(_like(x, shift64 + t1 / M))
+            t1, t2 = _cl_group_f64_sums(x, n * S * C, g * Cg, Cg, C, S, shift64)
+        _finish_stats(st, n * G + g, t1, t2, M, shift64, eps)
+
+
+@njit(**_SERIAL)
+def _cl_normalize_vec(x, y, cf, co, CR, xo, slo, shi, C, R, act, k):
+    """y = (x - mh) * a + b, ReLU'd when act == 1, over rows slo..shi: blocks of 4 SIMD vectors with
+    the coefficients (at cf[co:], rows of CR values) in registers, tiles of _CL_ROWS rows as in
+    _cl_stat_vec; loop-only (see _backward_cl_vec's helpers)."""
+    W = vwidth(x)
+    L = 4 * W
+    relu = act == 1
+    zero = vsplat(x, k[0])
+    mo, ao, bo = co + _MH * CR, co + _A * CR, co + _B * CR
+    for r0 in range(slo, shi, _CL_ROWS):
+        r1 = min(r0 + _CL_ROWS, shi)
+        rv = r1 - (r1 - r0) % R
+        for cb in range(CR // L):
+            c0 = cb * L
+            m0, m1, m2, m3 = _vload4(cf, mo + c0, W)
+            a0, a1, a2, a3 = _vload4(cf, ao + c0, W)
+            b0, b1, b2, b3 = _vload4(cf, bo + c0, W)
+            for i in range((rv - r0) // R):
+                o = xo + (r0 + i * R) * C + c0
+                vstore(y, o, _vz(x, o, m0, a0, b0, relu, zero))
+                vstore(y, o + W, _vz(x, o + W, m1, a1, b1, relu, zero))
+                vstore(y, o + 2 * W, _vz(x, o + 2 * W, m2, a2, b2, relu, zero))
+                vstore(y, o + 3 * W, _vz(x, o + 3 * W, m3, a3, b3, relu, zero))
+        for s in range(rv, r1):
+            for c in range(C):
+                j = xo + s * C + c
+                z = _saffine(x[j], cf[mo + c], cf[ao + c], cf[bo + c])
+                y[j] = k[0] if relu and z < k[0] else z
+
+
+@njit(**_PARALLEL)
+def _forward_cl_vec(x, y, w, b, st, N, C, S, G, eps, R, act, nch, k):
+    """_forward_cl's work without activation or with ReLU where _cl_vec_rows gives R > 0, through
+    loop-only per-sample helpers and per-thread tables, as _backward_cl_vec (the same results, bit
+    for bit, as the _cl_stat_rows/_cl_normalize_rows path of session 15 gave)."""
+    Cg = C // G
+    M = Cg * S
+    L = 4 * vwidth(x)
+    CR = C * R
+    off = _shift_offsets(Cg, S, 1, C)
+    if nch == 0:
+        T = _thread_count()
+        cf = np.empty(T * 6 * CR, x.dtype)  # MH/A/B rows (6 rows per thread: _cl_sample_affine's layout)
+        sh = np.empty(T * CR, x.dtype)
+        acc = np.empty(T * 2 * C)
+        tmps = np.empty(T * 2 * L, x.dtype)
+        for it0 in prange(N):
+            n = np.int64(it0)  # prange indices are unsigned; one signature per helper
+            t = _thread_id()
+            xo = n * S * C
+            _cl_sample_shifts(x, xo, sh, t * CR, C, Cg, CR, off)
+            acc[t * 2 * C:(t + 1) * 2 * C] = 0.0
+            _cl_stat_vec(x, acc, acc, t * 2 * C, t * 2 * C + C, sh, t * CR, tmps, t * 2 * L, xo, np.int64(0), S, C, R)
+            _cl_sample_stats(x, st, acc, t * 2 * C, sh, t * CR, n, G, C, Cg, S, eps)
+            _cl_sample_affine(cf, t * 6 * CR, st, n, G, C, Cg, CR, w, b)
+            _cl_normalize_vec(x, y, cf, t * 6 * CR, CR, xo, np.int64(0), S, C, R, act, k)
+        return
+    items = N * nch
+    sh = np.empty(N * CR, x.dtype)
+    for n in range(N):  # few samples (batch 1): each channel's shift is the same in every chunk
+        _cl_sample_shifts(x, n * S * C, sh, n * CR, C, Cg, CR, off)
+    part = np.zeros(items * 2 * C)
+    tmps = np.empty(items * 2 * L, x.dtype)
+    for it0 in prange(items):
+        it = np.int64(it0)
+        n = it // nch
+        ch = it - n * nch
+        po = it * 2 * C
+        _cl_stat_vec(x, part, part, po, po + C, sh, n * CR, tmps, it * 2 * L, n * S * C,
+                     ch * S // nch, (ch + 1) * S // nch, C, R)
+    cf = np.empty(N * 6 * CR, x.dtype)
+    for n in range(N):
+        for g in range(G):  # the chunks' sums in the order _forward_cl adds them
+            t1 = 0.0
+            t2 = 0.0
+            for ch in range(nch):
+                po = (n * nch + ch) * 2 * C
+                for c in range(g * Cg, (g + 1) * Cg):
+                    t1 += part[po + c]
+                    t2 += part[po + C + c]
+            shift64 = np.float64(sh[n * CR + g * Cg])
+            if _far_from_mean(t1, t2, M):  # rare: summed again, serially, in float64
+                shift64 = np.float64(_like(x, shift64 + t1 / M))
+                t1, t2 = _cl_group_f64_sums(x, n * S * C, g * Cg, Cg, C, S, shift64)
+            _finish_stats(st, n * G + g, t1, t2, M, shift64, eps)
+        _cl_sample_affine(cf, n * 6 * CR, st, n, G, C, Cg, CR, w, b)
+    for it0 in prange(items):
+        it = np.int64(it0)
+        n = it // nch
+        ch = it - n * nch
+        _cl_normalize_vec(x, y, cf, n * 6 * CR, CR, n * S * C, ch * S // nch, (ch + 1) * S // nch, C, R, act, k)
 
 
 @njit(**_PARALLEL)
