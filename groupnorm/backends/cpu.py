@@ -865,12 +865,11 @@ def _dx_scalars(st, A, B, n, g, C, Cg, S, w):
     m2 = 0.0
     c0 = g * Cg
     j0 = n * C + c0
-    Ag, Bg, wg = A[j0:j0 + Cg], B[j0:j0 + Cg], w[c0:c0 + Cg]  # indices from 0: no wraparound tests
     for c in range(Cg):
-        bj = rstd * (Bg[c] - ml * Ag[c])
-        Bg[c] = bj
-        wc = np.float64(wg[c])
-        m1 += wc * Ag[c]
+        bj = rstd * (B[j0 + c] - ml * A[j0 + c])
+        B[j0 + c] = bj
+        wc = np.float64(w[c0 + c])
+        m1 += wc * A[j0 + c]
         m2 += wc * bj
     M = Cg * S
     m1 /= M
