@@ -662,7 +662,7 @@ def _nc_grad_sums(dy, x, gs, w, b, st, A, B, po, n, c0, c1, s0, s1, C, Cg, S, ac
 def _nc_normalize(x, y, w, bias, st, n, c0, c1, s0, s1, C, Cg, S, act, k):
     """y = act((x - mh) * a + b) over rows c0..c1 of one group, positions s0..s1, no activation or
     ReLU (SiLU/GELU: _nc_normalize_act). The contiguous kernels make a and b per channel here from
-    the group's statistics (the values _affine_coefs stores): a table of them, written then read
+    the group's statistics (the values _cl_sample_affine stores): a table of them, written then read
     back, cost 7x7-map kernels ~20% of their time."""
     grp = n * (C // Cg) + c0 // Cg
     mh = st[3 * grp]
@@ -830,19 +830,6 @@ def _finish_stats(st, i, s1, s2, M, shift, eps):
     return mh, np.float64(st[3 * i + 1]), np.float64(st[3 * i + 2])
 
 
-@njit(inline="always", **_SERIAL)
-def _affine_coefs(cf, st, n, g, C, Cg, w, b):
-    """cf[n, MH/A/B, c] for the channels of group g: z = (x - mh) * a + b'."""
-    grp = n * (C // Cg) + g
-    mh = np.float64(st[3 * grp])
-    ml = np.float64(st[3 * grp + 1])
-    rstd = np.float64(st[3 * grp + 2])
-    base = n * 6 * C
-    for c in range(g * Cg, (g + 1) * Cg):
-        cf[base + _MH * C + c] = mh
-        cf[base + _A * C + c], cf[base + _B * C + c] = _channel_affine(cf, w, b, c, ml, rstd)
-
-
 @njit(**_SERIAL)
 def _channel_affine(x, w, b, c, ml, rstd):
     """(a, b') of channel c in x's dtype, for z = (x - mh) * a + b': a = rstd * w and
@@ -881,21 +868,6 @@ def _dx_group(A, B, w, j0, c0, ml, rstd, Cg, S):
     m1 /= M
     m2 /= M
     return -rstd * rstd * m2, rstd * (rstd * m2 * ml - m1)
-
-
-@njit(**_SERIAL)
-def _dx_coefs(cf, st, A, B, n, g, C, Cg, S, w):
-    """_dx_scalars, then cf[n, P/Q/R, c] for the channels of group g (channels-last kernels)."""
-    q, r = _dx_scalars(st, A, B, n, g, C, Cg, S, w)
-    rstd = np.float64(st[3 * (n * (C // Cg) + g) + 2])
-    qc, rc = _like(cf, q), _like(cf, r)
-    c0 = g * Cg
-    base = n * 6 * C + c0
-    for c in range(Cg):
-        cf[base + _P * C + c] = rstd * np.float64(w[c0 + c])
-        cf[base + _Q * C + c] = qc
-        cf[base + _R * C + c] = rc
-    return q, r
 
 
 @njit(inline="always", **_SERIAL)
@@ -1200,8 +1172,10 @@ def _tile_rows(cf, base, rows, C, CR):
 
 @njit(**_SERIAL)
 def _cl_sample_affine(cf, base, st, n, G, C, Cg, CR, w, b):
-    """The MH/A/B rows (as _affine_coefs) of every group of sample n at cf[base:], each row CR
-    values apart and tiled CR // C times (channel loops through slices: SIMD loops, see above)."""
+    """The coefficient rows of every group of sample n for z = (x - mh) * a + b' (as _channel_affine:
+    a = rstd * w and b' = b - ml * a with a in float64) at cf[base:]: the MH, A and B rows, each CR
+    values apart and tiled CR // C times (CR = C: one copy, the row functions' layout). The channel
+    loops go through slices: SIMD loops, see above."""
     for g in range(G):
         grp = n * G + g
         mh = _like(cf, np.float64(st[3 * grp]))
@@ -1221,8 +1195,9 @@ def _cl_sample_affine(cf, base, st, n, G, C, Cg, CR, w, b):
 
 @njit(**_SERIAL)
 def _cl_sample_dx_coefs(cf, base, st, A, B, qr, n, G, C, Cg, CR, S, w):
-    """_dx_coefs for every group of sample n: the P/Q/R rows at cf[base:] (laid out as in
-    _cl_sample_affine); returns whether a group needs the exact dx path (_below_f32)."""
+    """Every group's (q, r) of sample n into qr (_dx_group), then the P/Q/R rows (p = rstd * w, q, r
+    per channel) at cf[base:], laid out as in _cl_sample_affine; returns whether a group needs the
+    exact dx path (_below_f32)."""
     exact = False
     for g in range(G):
         rstd = np.float64(st[3 * (n * G + g) + 2])
@@ -1462,17 +1437,6 @@ def _cl_dx_rows_exact(dy, x, dx, cf, co, CR, st, w, qr, n, G, Cg, xo, slo, shi, 
                               qr[2 * grp], qr[2 * grp + 1], act, k)
 
 
-@njit(**_SERIAL)
-def _cl_shifts(x, xo, C, Cg, off):
-    """Per-channel shift: its group's _group_shift, in x's dtype."""
-    shift = np.empty(C, x.dtype)
-    for g in range(C // Cg):
-        v = _group_shift(x, xo + g * Cg, off)
-        for c in range(g * Cg, (g + 1) * Cg):
-            shift[c] = v
-    return shift
-
-
 @njit(**_PARALLEL)
 def _forward_cl(x, y, w, b, st, N, C, S, G, eps, act, nch):
     """nch == 0: one item per sample; nch >= 1: items (n, chunk of S), split reduction."""
@@ -1482,14 +1446,13 @@ def _forward_cl(x, y, w, b, st, N, C, S, G, eps, act, nch):
         _forward_cl_vec(x, y, w, b, st, N, C, S, G, eps, Rv, act, nch, k)
         return
     Cg = C // G
-    M = Cg * S
     off = _shift_offsets(Cg, S, 1, C)
     cf = np.empty(N * 6 * C, x.dtype)
     items = N if nch == 0 else N * nch
     if nch > 0:  # few samples (batch 1): made once here, each channel's shift is the same in every chunk
         shifts = np.empty(N * C, x.dtype)
         for n in range(N):
-            shifts[n * C:(n + 1) * C] = _cl_shifts(x, n * S * C, C, Cg, off)
+            _cl_sample_shifts(x, n * S * C, shifts, n * C, C, Cg, C, off)
         part = np.zeros(items * 2 * C)
         for it0 in prange(items):
             it = np.int64(it0)  # prange indices are unsigned; one signature per helper
@@ -1501,41 +1464,19 @@ def _forward_cl(x, y, w, b, st, N, C, S, G, eps, act, nch):
                 n * S * C, ch * S // nch, (ch + 1) * S // nch, C, Rv,
             )
         for n in range(N):
-            for g in range(G):
-                t1 = 0.0
-                t2 = 0.0
-                for ch in range(nch):
-                    po = (n * nch + ch) * 2 * C
-                    for c in range(g * Cg, (g + 1) * Cg):
-                        t1 += part[po + c]
-                        t2 += part[po + C + c]
-                shift64 = np.float64(shifts[n * C + g * Cg])
-                if _far_from_mean(t1, t2, M):  # rare: summed again, serially, in float64
-                    shift64 = np.float64(_like(x, shift64 + t1 / M))
-                    t1, t2 = _cl_group_f64_sums(x, n * S * C, g * Cg, Cg, C, S, shift64)
-                _finish_stats(st, n * G + g, t1, t2, M, shift64, eps)
-                _affine_coefs(cf, st, n, g, C, Cg, w, b)
+            _cl_chunk_stats(x, st, part, shifts, n * C, n, nch, G, C, Cg, S, eps)
+            _cl_sample_affine(cf, n * 6 * C, st, n, G, C, Cg, C, w, b)
     for it0 in prange(items):
         it = np.int64(it0)  # prange indices are unsigned; one signature per helper
         if nch == 0:
             n = it
             s0, s1_ = np.int64(0), S  # not the literal 0: one compiled signature for both decompositions
-            shift = _cl_shifts(x, n * S * C, C, Cg, off)
-            acc1 = np.zeros(C)
-            acc2 = np.zeros(C)
-            _cl_stat_rows(x, acc1, acc2, shift, n * S * C, s0, s1_, C, Rv)
-            for g in range(G):
-                t1 = 0.0
-                t2 = 0.0
-                for c in range(g * Cg, (g + 1) * Cg):
-                    t1 += acc1[c]
-                    t2 += acc2[c]
-                shift64 = np.float64(shift[g * Cg])
-                if _far_from_mean(t1, t2, M):  # rare: this group summed again in float64
-                    shift64 = np.float64(_like(x, shift64 + t1 / M))
-                    t1, t2 = _cl_group_f64_sums(x, n * S * C, g * Cg, Cg, C, S, shift64)
-                _finish_stats(st, n * G + g, t1, t2, M, shift64, eps)
-                _affine_coefs(cf, st, n, g, C, Cg, w, b)
+            shift = np.empty(C, x.dtype)
+            _cl_sample_shifts(x, n * S * C, shift, 0, C, Cg, C, off)
+            acc = np.zeros(2 * C)
+            _cl_stat_rows(x, acc[:C], acc[C:], shift, n * S * C, s0, s1_, C, Rv)
+            _cl_sample_stats(x, st, acc, 0, shift, 0, n, G, C, Cg, S, eps)
+            _cl_sample_affine(cf, n * 6 * C, st, n, G, C, Cg, C, w, b)
         else:
             n = it // nch
             ch = it - n * nch
@@ -1549,7 +1490,7 @@ def _forward_cl(x, y, w, b, st, N, C, S, G, eps, act, nch):
 
 @njit(**_SERIAL)
 def _cl_sample_shifts(x, xo, sh, so, C, Cg, CR, off):
-    """Each channel's shift (its group's _group_shift, as _cl_shifts) at sh[so:so + C], tiled
+    """Each channel's shift (its group's _group_shift, in x's dtype) at sh[so:so + C], tiled
     CR // C times."""
     for g in range(C // Cg):
         v = _group_shift(x, xo + g * Cg, off)
@@ -1618,6 +1559,26 @@ def _cl_sample_stats(x, st, acc, ao, sh, so, n, G, C, Cg, S, eps):
 
 
 @njit(**_SERIAL)
+def _cl_chunk_stats(x, st, part, sh, so, n, nch, G, C, Cg, S, eps):
+    """_cl_sample_stats for a sample summed in nch chunks: each group's sums over its chunks' rows
+    of part (sum d, then sum d*d, 2C per chunk), in chunk order."""
+    M = Cg * S
+    for g in range(G):
+        t1 = 0.0
+        t2 = 0.0
+        for ch in range(nch):
+            po = (n * nch + ch) * 2 * C
+            for c in range(g * Cg, (g + 1) * Cg):
+                t1 += part[po + c]
+                t2 += part[po + C + c]
+        shift64 = np.float64(sh[so + g * Cg])
+        if _far_from_mean(t1, t2, M):  # rare: summed again, serially, in float64
+            shift64 = np.float64(_like(x, shift64 + t1 / M))
+            t1, t2 = _cl_group_f64_sums(x, n * S * C, g * Cg, Cg, C, S, shift64)
+        _finish_stats(st, n * G + g, t1, t2, M, shift64, eps)
+
+
+@njit(**_SERIAL)
 def _cl_normalize_vec(x, y, cf, co, CR, xo, slo, shi, C, R, act, k):
     """y = (x - mh) * a + b, ReLU'd when act == 1, over rows slo..shi: blocks of 4 SIMD vectors with
     the coefficients (at cf[co:], rows of CR values) in registers, tiles of _CL_ROWS rows as in
@@ -1654,7 +1615,6 @@ def _forward_cl_vec(x, y, w, b, st, N, C, S, G, eps, R, act, nch, k):
     loop-only per-sample helpers and per-thread tables, as _backward_cl_vec (the same results, bit
     for bit, as the _cl_stat_rows/_cl_normalize_rows path of session 15 gave)."""
     Cg = C // G
-    M = Cg * S
     L = 4 * vwidth(x)
     CR = C * R
     off = _shift_offsets(Cg, S, 1, C)
@@ -1690,19 +1650,7 @@ def _forward_cl_vec(x, y, w, b, st, N, C, S, G, eps, R, act, nch, k):
                      ch * S // nch, (ch + 1) * S // nch, C, R)
     cf = np.empty(N * 6 * CR, x.dtype)
     for n in range(N):
-        for g in range(G):  # the chunks' sums in the order _forward_cl adds them
-            t1 = 0.0
-            t2 = 0.0
-            for ch in range(nch):
-                po = (n * nch + ch) * 2 * C
-                for c in range(g * Cg, (g + 1) * Cg):
-                    t1 += part[po + c]
-                    t2 += part[po + C + c]
-            shift64 = np.float64(sh[n * CR + g * Cg])
-            if _far_from_mean(t1, t2, M):  # rare: summed again, serially, in float64
-                shift64 = np.float64(_like(x, shift64 + t1 / M))
-                t1, t2 = _cl_group_f64_sums(x, n * S * C, g * Cg, Cg, C, S, shift64)
-            _finish_stats(st, n * G + g, t1, t2, M, shift64, eps)
+        _cl_chunk_stats(x, st, part, sh, n * CR, n, nch, G, C, Cg, S, eps)
         _cl_sample_affine(cf, n * 6 * CR, st, n, G, C, Cg, CR, w, b)
     for it0 in prange(items):
         it = np.int64(it0)
@@ -1781,8 +1729,8 @@ def _backward_cl(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
     cf = np.empty(N * 6 * C, x.dtype)
     items = N if nch == 0 else N * nch
     if nch > 0:
-        for i in range(N * G):
-            _affine_coefs(cf, st, i // G, i % G, C, Cg, w, b)
+        for n in range(N):
+            _cl_sample_affine(cf, n * 6 * C, st, n, G, C, Cg, C, w, b)
         part = np.zeros(items * 2 * C)
         for it0 in prange(items):
             it = np.int64(it0)  # prange indices are unsigned; one signature per helper
@@ -1797,23 +1745,20 @@ def _backward_cl(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
             )
         for n in range(N):
             _add_parts(A, B, part, n, nch, C)
-            for g in range(G):
-                qr[2 * (n * G + g)], qr[2 * (n * G + g) + 1] = _dx_coefs(cf, st, A, B, n, g, C, Cg, S, w)
+            _cl_sample_dx_coefs(cf, n * 6 * C, st, A, B, qr, n, G, C, Cg, C, S, w)
     for it0 in prange(items):
         it = np.int64(it0)  # prange indices are unsigned; one signature per helper
         if nch == 0:
             n = it
             s0, s1 = np.int64(0), S  # (see _forward_cl)
             base = n * 6 * C
-            for g in range(G):  # per sample, in the parallel loop (made serially before: 1.02-1.06x on 8x8 maps)
-                _affine_coefs(cf, st, n, g, C, Cg, w, b)
+            _cl_sample_affine(cf, base, st, n, G, C, Cg, C, w, b)  # in the parallel loop (serially: 1.02-1.06x slower on 8x8 maps)
             _cl_grad_rows(
                 dy, x, dx, A[n * C:(n + 1) * C], B[n * C:(n + 1) * C],
                 cf[base:base + C], cf[base + C:base + 2 * C], cf[base + 2 * C:base + 3 * C],
                 n * S * C, s0, s1, C, Rv, act, k,
             )
-            for g in range(G):
-                qr[2 * (n * G + g)], qr[2 * (n * G + g) + 1] = _dx_coefs(cf, st, A, B, n, g, C, Cg, S, w)
+            _cl_sample_dx_coefs(cf, base, st, A, B, qr, n, G, C, Cg, C, S, w)
         else:
             n = it // nch
             ch = it - n * nch
