@@ -234,6 +234,11 @@ def kernel_ab(old_root: str, which: str, shapes: list, threads: int, act: str = 
               groups: int = 32, old_vector_bytes: int | None = None, lane: bool = False) -> None:
     old = _load_old_cpu(old_root, old_vector_bytes)
     fwd_k, bwd_k = ("_forward_cl", "_backward_cl") if layout == "channels_last" else ("_forward_nc", "_backward_nc")
+    if lane:  # the kernels call the threading layer's get_thread_id: a cfunc linking them from the
+        # cache before the layer is up fails with "Symbol not found" (the fast lane does the same)
+        from numba.np.ufunc import parallel
+
+        parallel._launch_threads()
     kernels = {}
     for key, mod in (("old", old), ("new", cpu)):
         kernels[key] = {k: (_lane_kernel(mod, k) if lane else getattr(mod, k)) for k in (fwd_k, bwd_k)}

@@ -128,6 +128,30 @@ SIMD_SHAPES = [
 ]
 
 
+def test_vhsum_adds_halves_in_order():
+    """simd.vhsum: the upper half of the lanes added to the lower half until one is left, the
+    same order on every CPU (values chosen so that another order rounds differently)."""
+    from numba import njit
+
+    @njit
+    def hsum(a):
+        return simd.vhsum(simd.vload(a, 0))
+
+    for dtype in (np.float32, np.float64):
+        W = simd.VECTOR_BYTES // np.dtype(dtype).itemsize
+        a = np.ones(W, dtype)
+        a[0], a[W // 2] = 1e17, -1e17  # cancel in the first halving; in lane order they swallow the 1s
+        lanes = a.copy()
+        while lanes.size > 1:
+            lanes = lanes[: lanes.size // 2] + lanes[lanes.size // 2:]
+        assert lanes[0] == W - 2
+        assert hsum(a) == lanes[0]
+        ordered = dtype(0)
+        for v in a:
+            ordered += v
+        assert ordered != lanes[0], "the test values do not tell the orders apart"
+
+
 def test_simd_block_rule():
     """Which channel counts the SIMD block kernels take (R rows per block; 0: row-span kernels).
     With AVX-512: every multiple of the block up to 1 KiB rows. Without (AVX2): rows of several
@@ -158,8 +182,51 @@ def test_simd_channels_last_matches_reference(shape, G, dtype, mode):
         check_against_reference(x, w, b, dy, G, act)
 
 
+# contiguous shapes the small-group backward (cpu._nc_groups_bwd) takes: rows of at most 4 SIMD
+# vectors, several groups per work item; a row of 1 vector and of several (float32: 16 lanes,
+# float64: 8), rows shorter than a vector (the scalar tail alone), and a 3-D map.
+SMALL_GROUP_SHAPES = [
+    ((64, 64, 4, 4), 32),
+    ((24, 32, 5, 6), 16),
+    ((32, 16, 3, 5), 8),
+    ((16, 24, 2, 2, 8), 12),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape,G", SMALL_GROUP_SHAPES, ids=[f"{'x'.join(map(str, s))}-G{g}" for s, g in SMALL_GROUP_SHAPES])
+def test_small_groups_backward_matches_reference(shape, G, dtype):
+    N, C, S = shape[0], shape[1], math.prod(shape[2:])
+    probe = np.empty(1, np.float32 if dtype == torch.float32 else np.float64)
+    assert all(cpu._nc_groups_per_item(probe, N, G, C // G, S, T) > 1 for T in (1, 2)), "not the small-group path"
+    for i, act in enumerate(("none", "relu")):
+        x, w, b, dy = make(shape, dtype, "contiguous", seed=20 + i, mean=3.0)
+        check_against_reference(x, w, b, dy, G, act)
+
+
+def test_small_groups_backward_exact_path():
+    """Groups of std 1e25 on the small-group path take the exact float64 dx (flagged there, redone
+    after the parallel loop), beside ordinary groups of the same call."""
+    shape, G = (32, 16, 4, 4), 4
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    x[::3] *= 1e25
+    x = x.float()
+    dy, w, b = torch.randn(shape, generator=g), torch.rand(16, generator=g) + 0.5, torch.randn(16, generator=g)
+    assert cpu._nc_groups_per_item(np.empty(1, np.float32), 32, G, 4, 16, 2) > 1
+    for act in ("none", "relu"):
+        y, stats = BACKEND.forward(x, w, b, G, 1e-5, act)
+        dx, dw, db = BACKEND.backward(dy, x, w, b, stats, G, act, [True, True, True])
+        dx_ref, dw_ref, db_ref = ref.backward(np64(dy), np64(x), np64(w), np64(b), G, 1e-5, act)
+        for n in range(shape[0]):  # each sample against its own scale (rstd differs by 1e25)
+            rel = float(np.abs(np64(dx[n]) - dx_ref[n]).max() / np.abs(dx_ref[n]).max())
+            assert rel < 1e-5, f"dx of sample {n} {rel:.3g} off float64 ({act})"
+        assert_close(db, db_ref, torch.float32, f"dbias {act}")
+        assert_close(dw, dw_ref, torch.float32, f"dweight {act}")
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("shape,G", [((2, 128, 8, 9), 8), ((3, 32, 7, 6), 4), ((2, 48, 5, 6), 8)])
+@pytest.mark.parametrize("shape,G", [((2, 128, 8, 9), 8), ((3, 32, 7, 6), 4), ((2, 48, 5, 6), 8), ((64, 32, 4, 4), 16)])
 def test_relu_backward_mask_is_the_forwards(shape, G, layout, mode, monkeypatch):
     """The backward lets the gradient through exactly where the forward's ReLU output is positive,
     including elements with z == 0 exactly (x at the group mean, zero bias): with dy = 1, dbias[c]

@@ -53,7 +53,9 @@ from numba.extending import intrinsic, overload
 from numba.np.ufunc import parallel as _numba_parallel
 
 from groupnorm.backends import ACT_CODES, native
-from groupnorm.backends.simd import HOST_AVX512, VECTOR_BYTES, smuladd, vadd, vload, vmuladd, vselect_le, vselect_lt, vsplat, vstore, vsub, vwidth
+from groupnorm.backends.simd import (
+    HOST_AVX512, VECTOR_BYTES, smuladd, vadd, vhsum, vload, vmul, vmuladd, vselect_le, vselect_lt, vsplat, vstore, vsub, vwidth,
+)
 
 # "auto" picks the work decomposition from the shape and the thread count; tests force
 # "fused" (one item per group / sample) or "split" (reduction split into chunks).
@@ -623,6 +625,97 @@ def _nc_group_dx(dy, x, dx, w, b, st, A, B, n, g, C, Cg, S, act, k):
     return q64, r64, True
 
 
+_SMALL_GROUP = 2048  # contiguous groups of fewer elements: several groups per work item (_nc_groups_bwd)
+
+
+@njit(inline="always", **_SERIAL)
+def _nc_groups_per_item(x, N, G, Cg, S, T):
+    """How many groups of a sample one work item of the contiguous backward takes (_nc_groups_bwd):
+    1 for rows longer than 4 SIMD vectors (its one pair of accumulators per row ran slower than
+    the block loops there: 8x256x14x14 0.86-0.90x), else doubled while the groups stay under
+    _SMALL_GROUP elements in all and the items still number 8 per thread."""
+    per = 1
+    if S > 4 * vwidth(x):
+        return per
+    while per < G and G % (2 * per) == 0 and per * Cg * S < _SMALL_GROUP and N * G // (2 * per) >= 8 * T:
+        per *= 2
+    return per
+
+
+@njit(**_SERIAL)
+def _nc_groups_bwd(dy, x, dx, w, b, st, A, B, qr, ex, n, g0, g1, C, Cg, S, act, k):
+    """The whole backward of groups g0..g1 of sample n, no activation or ReLU, for small groups
+    (maps up to 8x8, rows of at most 4 vectors, few channels per group), where a call or two per group cost more than the
+    group's work (session 17: 128x64x4x4 with G = 32 ran at 0.39x ATen's speed). Per row: the sums
+    A = sum g and B = sum g * (x - mh) in SIMD vectors (vhsum's order, then the row's last
+    S % W positions), then the group's (q, r) (_dx_group, also kept in qr), then dx. Loop-only;
+    a group needing the exact dx (_below_f32) is flagged in ex and left to the caller."""
+    W = vwidth(x)
+    nv = S // W
+    G = C // Cg
+    zero = vsplat(x, k[0])
+    relu = act == 1
+    for g in range(g0, g1):
+        grp = n * G + g
+        mh = st[3 * grp]
+        ml = np.float64(st[3 * grp + 1])
+        rstd = np.float64(st[3 * grp + 2])
+        m = vsplat(x, mh)
+        j0 = n * C + g * Cg
+        c0 = g * Cg
+        for c in range(Cg):
+            a, bc, av, bv = k[0], k[0], zero, zero
+            if relu:  # z = (x - mh) * a + b' as _channel_affine makes a and b'
+                a64 = rstd * np.float64(w[c0 + c])
+                a, bc = _like(x, a64), _like(x, np.float64(b[c0 + c]) - ml * a64)
+                av, bv = vsplat(x, a), vsplat(x, bc)
+            r0 = (j0 + c) * S
+            s, t = zero, zero
+            for v in range(nv):
+                o = r0 + v * W
+                xd = vsub(vload(x, o), m)
+                gv = vload(dy, o)
+                if relu:
+                    gv = vselect_le(vadd(vmul(xd, av), bv), zero, zero, gv)
+                s, t = vadd(s, gv), vmuladd(gv, xd, t)
+            ss, tt = vhsum(s), vhsum(t)
+            for i in range(nv * W, S):
+                d = x[r0 + i] - mh
+                gs = k[0] if relu and d * a + bc <= k[0] else dy[r0 + i]
+                ss += gs
+                tt += gs * d
+            A[j0 + c] = np.float64(ss)
+            B[j0 + c] = np.float64(tt)
+        q64, r64 = _dx_group(A, B, w, j0, c0, ml, rstd, Cg, S)  # offsets, not slices: a slice of w or b
+        # kept a reference count per group
+        qr[2 * grp], qr[2 * grp + 1] = q64, r64
+        if _below_f32(q64):
+            ex[grp] = True
+            continue
+        q, r = _like(x, q64), _like(x, r64)
+        qv, rv = vsplat(x, q), vsplat(x, r)
+        for c in range(Cg):
+            a64 = rstd * np.float64(w[c0 + c])
+            p = _like(x, a64)
+            pv = vsplat(x, p)
+            a, bc, av, bv = k[0], k[0], zero, zero
+            if relu:
+                a, bc = p, _like(x, np.float64(b[c0 + c]) - ml * a64)
+                av, bv = pv, vsplat(x, bc)
+            r0 = (j0 + c) * S
+            for v in range(nv):
+                o = r0 + v * W
+                xd = vsub(vload(x, o), m)
+                gv = vload(dy, o)
+                if relu:
+                    gv = vselect_le(vadd(vmul(xd, av), bv), zero, zero, gv)
+                vstore(dx, o, _vdx(gv, xd, pv, qv, rv))
+            for i in range(nv * W, S):
+                d = x[r0 + i] - mh
+                gs = k[0] if relu and d * a + bc <= k[0] else dy[r0 + i]
+                dx[r0 + i] = smuladd(gs, p, smuladd(d, q, r))  # as _vdx
+
+
 @njit(**_SERIAL)
 def _nc_grad_sums(dy, x, gs, w, b, st, A, B, po, n, c0, c1, s0, s1, C, Cg, S, act, k):
     """A[po + j] = sum g, B[po + j] = sum g * (x - mh) over row c0 + j (positions s0..s1) of one
@@ -882,15 +975,19 @@ def _add_parts(A, B, part, n, nch, C):
 
 @njit(**_SERIAL)
 def _reduce_params(A, B, dw, db, N, C):
-    """dbias[c] = sum_n A[n, c], dweight[c] = sum_n B[n, c], over n in order."""
+    """dbias[c] = sum_n A[n, c], dweight[c] = sum_n B[n, c], over n in order, by adding the rows of
+    A and B into their first rows: the sums a walk over n per channel makes, bit for bit, but the
+    inner loop runs over contiguous channels through slices (a SIMD loop; the strided walk took
+    20 us of the 104 us channels-last backward of 128x128x4x4 on 2 threads, session 17)."""
+    a0, b0 = A[:C], B[:C]
+    for n in range(1, N):
+        an, bn = A[n * C:(n + 1) * C], B[n * C:(n + 1) * C]
+        for c in range(C):
+            a0[c] += an[c]
+            b0[c] += bn[c]
     for c in range(C):
-        sa = 0.0
-        sb = 0.0
-        for n in range(N):
-            sa += A[n * C + c]
-            sb += B[n * C + c]
-        db[c] = sa
-        dw[c] = sb
+        db[c] = a0[c]
+        dw[c] = b0[c]
 
 
 # ----------------------------------------------------------------------------- contiguous (N, C, S)
@@ -966,8 +1063,24 @@ def _backward_nc(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
     Cg = C // G
     A = np.empty(N * C)
     B = np.empty(N * C)
-    qr = np.empty(2 * N * G if nch > 0 else 0)  # the chunked path's (q, r) per group
+    qr = np.empty(2 * N * G)  # each group's (q, r): the chunked path's, and the small groups' exact path's
     items = N * G if nch == 0 else N * C * nch
+    per = _nc_groups_per_item(x, N, G, Cg, S, _thread_count()) if nch == 0 and act <= 1 else 1
+    if per > 1:  # small groups: several per item (a parallel loop of its own: see _nc_group_dx)
+        ex = np.zeros(N * G, np.bool_)
+        ipn = G // per
+        for it0 in prange(N * ipn):
+            it = np.int64(it0)  # prange indices are unsigned; one signature per helper
+            n = it // ipn
+            g0 = (it - n * ipn) * per
+            _nc_groups_bwd(dy, x, dx, w, b, st, A, B, qr, ex, n, g0, g0 + per, C, Cg, S, act, k)
+        for i in range(N * G):
+            if ex[i]:  # rare: the exact path (see _below_f32)
+                n = i // G
+                g = i - n * G
+                _nc_dx(dy, x, dx, w, b, st, qr[2 * i], qr[2 * i + 1], n, g * Cg, (g + 1) * Cg, 0, S, C, Cg, S, act, k)
+        _reduce_params(A, B, dw, db, N, C)
+        return
     if nch > 0:
         partA = np.empty(items)
         partB = np.empty(items)

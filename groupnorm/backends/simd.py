@@ -127,6 +127,26 @@ def _binary(instruction):
 
 vadd = _binary("fadd")
 vsub = _binary("fsub")
+vmul = _binary("fmul")
+
+
+@intrinsic
+def vhsum(typingctx, v):
+    """The sum of v's lanes, in a fixed order: the upper half added to the lower half, lane by
+    lane, until one lane is left (plain adds, the same order on every CPU)."""
+    if not isinstance(v, Vec):
+        return None
+
+    def codegen(context, builder, sig, args):
+        x, n = args[0], v.width
+        while n > 1:
+            h = n // 2
+            half = [ir.Constant(ir.VectorType(ir.IntType(32), h), list(range(o, o + h))) for o in (0, h)]
+            x = builder.fadd(builder.shuffle_vector(x, x, half[0]), builder.shuffle_vector(x, x, half[1]))
+            n = h
+        return builder.extract_element(x, ir.Constant(ir.IntType(32), 0))
+
+    return v.dtype(v), codegen
 
 
 def _fmuladd(builder, args, bits):
