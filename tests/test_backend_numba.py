@@ -182,7 +182,7 @@ def test_simd_channels_last_matches_reference(shape, G, dtype, mode):
         check_against_reference(x, w, b, dy, G, act)
 
 
-# contiguous shapes the small-group backward (cpu._nc_groups_bwd) takes: rows of at most 4 SIMD
+# contiguous shapes the small-group kernels (cpu._nc_groups_fwd, cpu._nc_groups_bwd) take: rows of at most 4 SIMD
 # vectors, several groups per work item; a row of 1 vector and of several (float32: 16 lanes,
 # float64: 8), rows shorter than a vector (the scalar tail alone), and a 3-D map.
 SMALL_GROUP_SHAPES = [
@@ -195,7 +195,7 @@ SMALL_GROUP_SHAPES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("shape,G", SMALL_GROUP_SHAPES, ids=[f"{'x'.join(map(str, s))}-G{g}" for s, g in SMALL_GROUP_SHAPES])
-def test_small_groups_backward_matches_reference(shape, G, dtype):
+def test_small_groups_match_reference(shape, G, dtype):
     N, C, S = shape[0], shape[1], math.prod(shape[2:])
     probe = np.empty(1, np.float32 if dtype == torch.float32 else np.float64)
     assert all(cpu._nc_groups_per_item(probe, N, G, C // G, S, T) > 1 for T in (1, 2)), "not the small-group path"
@@ -204,9 +204,10 @@ def test_small_groups_backward_matches_reference(shape, G, dtype):
         check_against_reference(x, w, b, dy, G, act)
 
 
-def test_small_groups_backward_exact_path():
-    """Groups of std 1e25 on the small-group path take the exact float64 dx (flagged there, redone
-    after the parallel loop), beside ordinary groups of the same call."""
+def test_small_groups_exact_path():
+    """Groups of std 1e25 on the small-group path (cpu._nc_groups_fwd/_nc_groups_bwd): float64
+    sums in the forward, the exact float64 dx in the backward (flagged there, redone after the
+    parallel loop), beside ordinary groups of the same call."""
     shape, G = (32, 16, 4, 4), 4
     g = torch.Generator().manual_seed(17)
     x = torch.randn(shape, generator=g, dtype=torch.float64)
@@ -216,6 +217,8 @@ def test_small_groups_backward_exact_path():
     assert cpu._nc_groups_per_item(np.empty(1, np.float32), 32, G, 4, 16, 2) > 1
     for act in ("none", "relu"):
         y, stats = BACKEND.forward(x, w, b, G, 1e-5, act)
+        y_ref, _, _ = ref.forward(np64(x), np64(w), np64(b), G, 1e-5, act)
+        assert_close(y, y_ref, torch.float32, f"forward {act}")
         dx, dw, db = BACKEND.backward(dy, x, w, b, stats, G, act, [True, True, True])
         dx_ref, dw_ref, db_ref = ref.backward(np64(dy), np64(x), np64(w), np64(b), G, 1e-5, act)
         for n in range(shape[0]):  # each sample against its own scale (rstd differs by 1e25)

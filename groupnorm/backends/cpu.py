@@ -54,7 +54,8 @@ from numba.np.ufunc import parallel as _numba_parallel
 
 from groupnorm.backends import ACT_CODES, native
 from groupnorm.backends.simd import (
-    HOST_AVX512, VECTOR_BYTES, smuladd, vadd, vhsum, vload, vmul, vmuladd, vselect_le, vselect_lt, vsplat, vstore, vsub, vwidth,
+    F64_LANES, HOST_AVX512, VECTOR_BYTES, smuladd, vadd, vhsum, vload, vload_f64, vmul, vmuladd, vselect_le, vselect_lt, vsplat,
+    vsplat_f64, vstore, vsub, vwidth,
 )
 
 # "auto" picks the work decomposition from the shape and the thread count; tests force
@@ -643,6 +644,55 @@ def _nc_groups_per_item(x, N, G, Cg, S, T):
 
 
 @njit(**_SERIAL)
+def _nc_groups_fwd(x, y, w, b, st, n, g0, g1, C, Cg, S, eps, act, k):
+    """The forward of groups g0..g1 of sample n, no activation or ReLU, for the small groups
+    _nc_groups_bwd takes: each group's sums of d = x - x[first] in float64 (as _f64_shifted_sums,
+    in float64 SIMD vectors of widened values, vhsum's order), its statistics, then
+    y = (x - mh) * a + b' row by row as _nc_normalize computes it (the same values, bit for bit,
+    from the same statistics). Loop-only."""
+    W = vwidth(x)
+    nv = S // W
+    n8 = S // F64_LANES
+    G = C // Cg
+    M = Cg * S
+    zero = vsplat(x, k[0])
+    relu = act == 1
+    for g in range(g0, g1):
+        grp = n * G + g
+        c0 = g * Cg
+        lo = (n * C + c0) * S
+        shift = np.float64(x[lo])
+        h = vsplat_f64(shift)
+        s, t = vsplat_f64(0.0), vsplat_f64(0.0)
+        s1 = 0.0
+        s2 = 0.0
+        for c in range(Cg):
+            r0 = lo + c * S
+            for v in range(n8):
+                d = vsub(vload_f64(x, r0 + v * F64_LANES), h)
+                s, t = vadd(s, d), vmuladd(d, d, t)
+            for i in range(n8 * F64_LANES, S):
+                d = np.float64(x[r0 + i]) - shift
+                s1 += d
+                s2 += d * d
+        _, ml, rstd = _finish_stats(st, grp, s1 + vhsum(s), s2 + vhsum(t), M, shift, eps)
+        mh = st[3 * grp]
+        m = vsplat(x, mh)
+        for c in range(Cg):
+            a64 = rstd * np.float64(w[c0 + c])  # a and b' as _channel_affine makes them
+            a, bc = _like(x, a64), _like(x, np.float64(b[c0 + c]) - ml * a64)
+            av, bv = vsplat(x, a), vsplat(x, bc)
+            r0 = lo + c * S
+            for v in range(nv):
+                o = r0 + v * W
+                z = vadd(vmul(vsub(vload(x, o), m), av), bv)
+                vstore(y, o, vselect_lt(z, zero, zero, z) if relu else z)
+            for i in range(nv * W, S):
+                z = (x[r0 + i] - mh) * a + bc
+                y[r0 + i] = k[0] if relu and z < k[0] else z
+
+
+@njit(**_SERIAL)
 def _nc_groups_bwd(dy, x, dx, w, b, st, A, B, qr, ex, n, g0, g1, C, Cg, S, act, k):
     """The whole backward of groups g0..g1 of sample n, no activation or ReLU, for small groups
     (maps up to 8x8, rows of at most 4 vectors, few channels per group), where a call or two per group cost more than the
@@ -1000,6 +1050,15 @@ def _forward_nc(x, y, w, b, st, N, C, S, G, eps, act, nch):
     M = Cg * S
     off = _shift_offsets(Cg, S, S, 1) if M >= _F32_SUMS_FROM else np.empty(0, np.int64)
     items = N * G if nch == 0 else N * C * nch
+    per = _nc_groups_per_item(x, N, G, Cg, S, _thread_count()) if nch == 0 and act <= 1 else 1
+    if per > 1:  # small groups: several per item (a parallel loop of its own, as in _backward_nc)
+        ipn = G // per
+        for it0 in prange(N * ipn):
+            it = np.int64(it0)  # prange indices are unsigned; one signature per helper
+            n = it // ipn
+            g0 = (it - n * ipn) * per
+            _nc_groups_fwd(x, y, w, b, st, n, g0, g0 + per, C, Cg, S, eps, act, k)
+        return
     if nch > 0:  # few groups (batch 1): made once here, each group's shift is the same in every chunk
         shifts = np.empty(N * G, x.dtype)
         for i in range(N * G):

@@ -99,19 +99,50 @@ def vstore(typingctx, a, i, v):
     return types.void(a, i, v), codegen
 
 
+def _splat(context, builder, vt, value):
+    lt = context.get_value_type(vt)
+    v = builder.insert_element(ir.Constant(lt, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    zeros = ir.Constant(ir.VectorType(ir.IntType(32), vt.width), [0] * vt.width)
+    return builder.shuffle_vector(v, ir.Constant(lt, ir.Undefined), zeros)
+
+
 @intrinsic
 def vsplat(typingctx, a, x):
     """A vector of a's dtype with x in every lane."""
     vt = Vec(a.dtype)
 
     def codegen(context, builder, sig, args):
-        lt = context.get_value_type(vt)
-        value = context.cast(builder, args[1], sig.args[1], a.dtype)
-        v = builder.insert_element(ir.Constant(lt, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
-        zeros = ir.Constant(ir.VectorType(ir.IntType(32), vt.width), [0] * vt.width)
-        return builder.shuffle_vector(v, ir.Constant(lt, ir.Undefined), zeros)
+        return _splat(context, builder, vt, context.cast(builder, args[1], sig.args[1], a.dtype))
 
     return vt(a, x), codegen
+
+
+F64_LANES = VECTOR_BYTES // 8  # the lanes of a float64 vector (vload_f64, vsplat_f64)
+
+
+@intrinsic
+def vsplat_f64(typingctx, x):
+    """A float64 vector with x in every lane."""
+    vt = Vec(types.float64)
+
+    def codegen(context, builder, sig, args):
+        return _splat(context, builder, vt, context.cast(builder, args[0], sig.args[0], types.float64))
+
+    return vt(x), codegen
+
+
+@intrinsic
+def vload_f64(typingctx, a, i):
+    """The F64_LANES values a[i:i + F64_LANES] as a float64 vector (float32 ones widened exactly)."""
+    vt = Vec(types.float64)
+
+    def codegen(context, builder, sig, args):
+        p = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+        src = ir.VectorType(context.get_value_type(a.dtype), vt.width)
+        v = builder.load(builder.bitcast(p, src.as_pointer()), align=a.dtype.bitwidth // 8)
+        return v if a.dtype == types.float64 else builder.fpext(v, context.get_value_type(vt))
+
+    return vt(a, i), codegen
 
 
 def _binary(instruction):
