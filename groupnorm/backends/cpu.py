@@ -692,14 +692,27 @@ def _nc_groups_fwd(x, y, w, b, st, n, g0, g1, C, Cg, S, eps, act, k):
                 y[r0 + i] = k[0] if relu and z < k[0] else z
 
 
+@njit(inline="always", **_SERIAL)
+def _vg_nc(dy, x, o, m, a, b, relu, zero):
+    """_vg for the contiguous kernels, whose forward evaluates z = (x - m) * a + b unfused
+    (_nc_normalize): (g, x - m) for the vector at o, g zeroed where z <= 0 with ReLU."""
+    xd = vsub(vload(x, o), m)
+    g = vload(dy, o)
+    if relu:
+        g = vselect_le(vadd(vmul(xd, a), b), zero, zero, g)
+    return g, xd
+
+
 @njit(**_SERIAL)
 def _nc_groups_bwd(dy, x, dx, w, b, st, A, B, qr, ex, n, g0, g1, C, Cg, S, act, k):
     """The whole backward of groups g0..g1 of sample n, no activation or ReLU, for small groups
-    (maps up to 8x8, rows of at most 4 vectors, few channels per group), where a call or two per group cost more than the
-    group's work (session 17: 128x64x4x4 with G = 32 ran at 0.39x ATen's speed). Per row: the sums
-    A = sum g and B = sum g * (x - mh) in SIMD vectors (vhsum's order, then the row's last
-    S % W positions), then the group's (q, r) (_dx_group, also kept in qr), then dx. Loop-only;
-    a group needing the exact dx (_below_f32) is flagged in ex and left to the caller."""
+    (maps up to 8x8, rows of at most 4 vectors, few channels per group), where a call or two per
+    group cost more than the group's work (session 17: 128x64x4x4 with G = 32 ran at 0.39x ATen's
+    speed). Per row: the sums A = sum g and B = sum g * (x - mh) in SIMD vectors (vhsum's order,
+    then the row's last S % W positions), then the group's (q, r) (_dx_group, also kept in qr),
+    then dx. Loop-only (offsets into the arrays, not slices: a slice of w or b kept a reference
+    count per group); a group needing the exact dx (_below_f32) is flagged in ex and left to the
+    caller."""
     W = vwidth(x)
     nv = S // W
     G = C // Cg
@@ -722,22 +735,17 @@ def _nc_groups_bwd(dy, x, dx, w, b, st, A, B, qr, ex, n, g0, g1, C, Cg, S, act, 
             r0 = (j0 + c) * S
             s, t = zero, zero
             for v in range(nv):
-                o = r0 + v * W
-                xd = vsub(vload(x, o), m)
-                gv = vload(dy, o)
-                if relu:
-                    gv = vselect_le(vadd(vmul(xd, av), bv), zero, zero, gv)
+                gv, xd = _vg_nc(dy, x, r0 + v * W, m, av, bv, relu, zero)
                 s, t = vadd(s, gv), vmuladd(gv, xd, t)
             ss, tt = vhsum(s), vhsum(t)
-            for i in range(nv * W, S):
+            for i in range(nv * W, S):  # (as _vg_nc; an inline helper with this branch kept reference counts)
                 d = x[r0 + i] - mh
                 gs = k[0] if relu and d * a + bc <= k[0] else dy[r0 + i]
                 ss += gs
                 tt += gs * d
             A[j0 + c] = np.float64(ss)
             B[j0 + c] = np.float64(tt)
-        q64, r64 = _dx_group(A, B, w, j0, c0, ml, rstd, Cg, S)  # offsets, not slices: a slice of w or b
-        # kept a reference count per group
+        q64, r64 = _dx_group(A, B, w, j0, c0, ml, rstd, Cg, S)
         qr[2 * grp], qr[2 * grp + 1] = q64, r64
         if _below_f32(q64):
             ex[grp] = True
@@ -746,24 +754,19 @@ def _nc_groups_bwd(dy, x, dx, w, b, st, A, B, qr, ex, n, g0, g1, C, Cg, S, act, 
         qv, rv = vsplat(x, q), vsplat(x, r)
         for c in range(Cg):
             a64 = rstd * np.float64(w[c0 + c])
-            p = _like(x, a64)
-            pv = vsplat(x, p)
-            a, bc, av, bv = k[0], k[0], zero, zero
+            a = _like(x, a64)  # p = a
+            av, bc, bv = vsplat(x, a), k[0], zero
             if relu:
-                a, bc = p, _like(x, np.float64(b[c0 + c]) - ml * a64)
-                av, bv = pv, vsplat(x, bc)
+                bc = _like(x, np.float64(b[c0 + c]) - ml * a64)
+                bv = vsplat(x, bc)
             r0 = (j0 + c) * S
             for v in range(nv):
-                o = r0 + v * W
-                xd = vsub(vload(x, o), m)
-                gv = vload(dy, o)
-                if relu:
-                    gv = vselect_le(vadd(vmul(xd, av), bv), zero, zero, gv)
-                vstore(dx, o, _vdx(gv, xd, pv, qv, rv))
+                gv, xd = _vg_nc(dy, x, r0 + v * W, m, av, bv, relu, zero)
+                vstore(dx, r0 + v * W, _vdx(gv, xd, av, qv, rv))
             for i in range(nv * W, S):
                 d = x[r0 + i] - mh
                 gs = k[0] if relu and d * a + bc <= k[0] else dy[r0 + i]
-                dx[r0 + i] = smuladd(gs, p, smuladd(d, q, r))  # as _vdx
+                dx[r0 + i] = smuladd(gs, a, smuladd(d, q, r))  # as _vdx
 
 
 @njit(**_SERIAL)
