@@ -182,13 +182,13 @@ def test_simd_channels_last_matches_reference(shape, G, dtype, mode):
         check_against_reference(x, w, b, dy, G, act)
 
 
-# contiguous shapes the small-group kernels (cpu._nc_groups_fwd, cpu._nc_groups_bwd) take: rows of at most 4 SIMD
-# vectors, several groups per work item; a row of 1 vector and of several (float32: 16 lanes,
-# float64: 8), rows shorter than a vector (the scalar tail alone), and a 3-D map.
+# contiguous shapes the small-group kernels (cpu._nc_groups_fwd, cpu._nc_groups_bwd) take: rows of
+# one to 4 SIMD vectors, several groups per work item; a row of 1 vector and of several (float32:
+# 16 lanes, float64: 8), with and without a scalar tail, and a 3-D map.
 SMALL_GROUP_SHAPES = [
     ((64, 64, 4, 4), 32),
     ((24, 32, 5, 6), 16),
-    ((32, 16, 3, 5), 8),
+    ((32, 16, 4, 5), 8),
     ((16, 24, 2, 2, 8), 12),
 ]
 

@@ -631,12 +631,13 @@ _SMALL_GROUP = 2048  # contiguous groups of fewer elements: several groups per w
 
 @njit(inline="always", **_SERIAL)
 def _nc_groups_per_item(x, N, G, Cg, S, T):
-    """How many groups of a sample one work item of the contiguous backward takes (_nc_groups_bwd):
-    1 for rows longer than 4 SIMD vectors (its one pair of accumulators per row ran slower than
-    the block loops there: 8x256x14x14 0.86-0.90x), else doubled while the groups stay under
-    _SMALL_GROUP elements in all and the items still number 8 per thread."""
+    """How many groups of a sample one work item of the contiguous kernels takes (_nc_groups_fwd,
+    _nc_groups_bwd): 1 for rows longer than 4 SIMD vectors (one pair of accumulators per row ran
+    slower than the block loops there: 8x256x14x14 0.86-0.90x) or shorter than one (all scalar:
+    2x2 maps 0.59-0.93x), else doubled while the groups stay under _SMALL_GROUP elements in all and
+    the items still number 8 per thread."""
     per = 1
-    if S > 4 * vwidth(x):
+    if S > 4 * vwidth(x) or S < vwidth(x):
         return per
     while per < G and G % (2 * per) == 0 and per * Cg * S < _SMALL_GROUP and N * G // (2 * per) >= 8 * T:
         per *= 2
@@ -652,9 +653,9 @@ def _nc_groups_fwd(x, y, w, b, st, n, g0, g1, C, Cg, S, eps, act, k):
     from the same statistics). Loop-only."""
     W = vwidth(x)
     nv = S // W
-    n8 = S // F64_LANES
     G = C // Cg
     M = Cg * S
+    n8 = M // F64_LANES
     zero = vsplat(x, k[0])
     relu = act == 1
     for g in range(g0, g1):
@@ -666,15 +667,13 @@ def _nc_groups_fwd(x, y, w, b, st, n, g0, g1, C, Cg, S, eps, act, k):
         s, t = vsplat_f64(0.0), vsplat_f64(0.0)
         s1 = 0.0
         s2 = 0.0
-        for c in range(Cg):
-            r0 = lo + c * S
-            for v in range(n8):
-                d = vsub(vload_f64(x, r0 + v * F64_LANES), h)
-                s, t = vadd(s, d), vmuladd(d, d, t)
-            for i in range(n8 * F64_LANES, S):
-                d = np.float64(x[r0 + i]) - shift
-                s1 += d
-                s2 += d * d
+        for v in range(n8):  # the group is M contiguous values
+            d = vsub(vload_f64(x, lo + v * F64_LANES), h)
+            s, t = vadd(s, d), vmuladd(d, d, t)
+        for i in range(n8 * F64_LANES, M):
+            d = np.float64(x[lo + i]) - shift
+            s1 += d
+            s2 += d * d
         _, ml, rstd = _finish_stats(st, grp, s1 + vhsum(s), s2 + vhsum(t), M, shift, eps)
         mh = st[3 * grp]
         m = vsplat(x, mh)
