@@ -193,12 +193,25 @@ SMALL_GROUP_SHAPES = [
 ]
 
 
+def test_small_groups_short_rows_forward():
+    """Rows shorter than a vector (2x2, 3x3 maps): the forward takes the small-group kernel (its sums
+    run flat over the group), the backward the per-group kernels; both against the oracle."""
+    for shape, G in (((64, 64, 2, 2), 32), ((48, 32, 3, 3), 8)):
+        N, C, S = shape[0], shape[1], math.prod(shape[2:])
+        probe = np.empty(1, np.float32)
+        assert cpu._nc_groups_per_item(probe, N, G, C // G, S, 2, True) > 1
+        assert cpu._nc_groups_per_item(probe, N, G, C // G, S, 2, False) == 1
+        for i, act in enumerate(("none", "relu")):
+            x, w, b, dy = make(shape, torch.float32, "contiguous", seed=30 + i, mean=3.0)
+            check_against_reference(x, w, b, dy, G, act)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("shape,G", SMALL_GROUP_SHAPES, ids=[f"{'x'.join(map(str, s))}-G{g}" for s, g in SMALL_GROUP_SHAPES])
 def test_small_groups_match_reference(shape, G, dtype):
     N, C, S = shape[0], shape[1], math.prod(shape[2:])
     probe = np.empty(1, np.float32 if dtype == torch.float32 else np.float64)
-    assert all(cpu._nc_groups_per_item(probe, N, G, C // G, S, T) > 1 for T in (1, 2)), "not the small-group path"
+    assert all(cpu._nc_groups_per_item(probe, N, G, C // G, S, T, False) > 1 for T in (1, 2)), "not the small-group path"
     for i, act in enumerate(("none", "relu")):
         x, w, b, dy = make(shape, dtype, "contiguous", seed=20 + i, mean=3.0)
         check_against_reference(x, w, b, dy, G, act)
@@ -214,7 +227,7 @@ def test_small_groups_exact_path():
     x[::3] *= 1e25
     x = x.float()
     dy, w, b = torch.randn(shape, generator=g), torch.rand(16, generator=g) + 0.5, torch.randn(16, generator=g)
-    assert cpu._nc_groups_per_item(np.empty(1, np.float32), 32, G, 4, 16, 2) > 1
+    assert cpu._nc_groups_per_item(np.empty(1, np.float32), 32, G, 4, 16, 2, False) > 1
     for act in ("none", "relu"):
         y, stats = BACKEND.forward(x, w, b, G, 1e-5, act)
         y_ref, _, _ = ref.forward(np64(x), np64(w), np64(b), G, 1e-5, act)

@@ -630,14 +630,15 @@ _SMALL_GROUP = 2048  # contiguous groups of fewer elements: several groups per w
 
 
 @njit(inline="always", **_SERIAL)
-def _nc_groups_per_item(x, N, G, Cg, S, T):
+def _nc_groups_per_item(x, N, G, Cg, S, T, short_rows):
     """How many groups of a sample one work item of the contiguous kernels takes (_nc_groups_fwd,
     _nc_groups_bwd): 1 for rows longer than 4 SIMD vectors (one pair of accumulators per row ran
-    slower than the block loops there: 8x256x14x14 0.86-0.90x) or shorter than one (all scalar:
-    2x2 maps 0.59-0.93x), else doubled while the groups stay under _SMALL_GROUP elements in all and
-    the items still number 8 per thread."""
+    slower than the block loops there: 8x256x14x14 0.86-0.90x), and in the backward (short_rows
+    False) for rows shorter than one (all scalar there: 2x2 and 3x3 maps 0.73-0.86x with 8 or more
+    channels per group; the forward sums a group flat, 0.96-1.57x); else doubled while the groups
+    stay under _SMALL_GROUP elements in all and the items still number 8 per thread."""
     per = 1
-    if S > 4 * vwidth(x) or S < vwidth(x):
+    if S > 4 * vwidth(x) or (S < vwidth(x) and not short_rows):
         return per
     while per < G and G % (2 * per) == 0 and per * Cg * S < _SMALL_GROUP and N * G // (2 * per) >= 8 * T:
         per *= 2
@@ -671,7 +672,7 @@ def _nc_groups_fwd(x, y, w, b, st, n, g0, g1, C, Cg, S, eps, act, k):
             d = vsub(vload_f64(x, lo + v * F64_LANES), h)
             s, t = vadd(s, d), vmuladd(d, d, t)
         for i in range(n8 * F64_LANES, M):
-            d = np.float64(x[lo + i]) - shift
+            d = np.float64(x[np.uint64(lo + i)]) - shift
             s1 += d
             s2 += d * d
         _, ml, rstd = _finish_stats(st, grp, s1 + vhsum(s), s2 + vhsum(t), M, shift, eps)
@@ -687,8 +688,9 @@ def _nc_groups_fwd(x, y, w, b, st, n, g0, g1, C, Cg, S, eps, act, k):
                 z = vadd(vmul(vsub(vload(x, o), m), av), bv)
                 vstore(y, o, vselect_lt(z, zero, zero, z) if relu else z)
             for i in range(nv * W, S):
-                z = (x[r0 + i] - mh) * a + bc
-                y[r0 + i] = k[0] if relu and z < k[0] else z
+                j = np.uint64(r0 + i)  # (unsigned: no wraparound test)
+                z = (x[j] - mh) * a + bc
+                y[j] = k[0] if relu and z < k[0] else z
 
 
 @njit(inline="always", **_SERIAL)
@@ -738,8 +740,9 @@ def _nc_groups_bwd(dy, x, dx, w, b, st, A, B, qr, ex, n, g0, g1, C, Cg, S, act, 
                 s, t = vadd(s, gv), vmuladd(gv, xd, t)
             ss, tt = vhsum(s), vhsum(t)
             for i in range(nv * W, S):  # (as _vg_nc; an inline helper with this branch kept reference counts)
-                d = x[r0 + i] - mh
-                gs = k[0] if relu and d * a + bc <= k[0] else dy[r0 + i]
+                j = np.uint64(r0 + i)  # (unsigned: no wraparound test)
+                d = x[j] - mh
+                gs = k[0] if relu and d * a + bc <= k[0] else dy[j]
                 ss += gs
                 tt += gs * d
             A[j0 + c] = np.float64(ss)
@@ -763,9 +766,10 @@ def _nc_groups_bwd(dy, x, dx, w, b, st, A, B, qr, ex, n, g0, g1, C, Cg, S, act, 
                 gv, xd = _vg_nc(dy, x, r0 + v * W, m, av, bv, relu, zero)
                 vstore(dx, r0 + v * W, _vdx(gv, xd, av, qv, rv))
             for i in range(nv * W, S):
-                d = x[r0 + i] - mh
-                gs = k[0] if relu and d * a + bc <= k[0] else dy[r0 + i]
-                dx[r0 + i] = smuladd(gs, a, smuladd(d, q, r))  # as _vdx
+                j = np.uint64(r0 + i)
+                d = x[j] - mh
+                gs = k[0] if relu and d * a + bc <= k[0] else dy[j]
+                dx[j] = smuladd(gs, a, smuladd(d, q, r))  # as _vdx
 
 
 @njit(**_SERIAL)
@@ -1052,7 +1056,7 @@ def _forward_nc(x, y, w, b, st, N, C, S, G, eps, act, nch):
     M = Cg * S
     off = _shift_offsets(Cg, S, S, 1) if M >= _F32_SUMS_FROM else np.empty(0, np.int64)
     items = N * G if nch == 0 else N * C * nch
-    per = _nc_groups_per_item(x, N, G, Cg, S, _thread_count()) if nch == 0 and act <= 1 else 1
+    per = _nc_groups_per_item(x, N, G, Cg, S, _thread_count(), True) if nch == 0 and act <= 1 else 1
     if per > 1:  # small groups: several per item (a parallel loop of its own, as in _backward_nc)
         ipn = G // per
         for it0 in prange(N * ipn):
@@ -1126,7 +1130,7 @@ def _backward_nc(dy, x, dx, dw, db, w, b, st, N, C, S, G, act, nch):
     B = np.empty(N * C)
     qr = np.empty(2 * N * G)  # each group's (q, r): the chunked path's, and the small groups' exact path's
     items = N * G if nch == 0 else N * C * nch
-    per = _nc_groups_per_item(x, N, G, Cg, S, _thread_count()) if nch == 0 and act <= 1 else 1
+    per = _nc_groups_per_item(x, N, G, Cg, S, _thread_count(), False) if nch == 0 and act <= 1 else 1
     if per > 1:  # small groups: several per item (a parallel loop of its own: see _nc_group_dx)
         ex = np.zeros(N * G, np.bool_)
         ipn = G // per
